@@ -66,6 +66,8 @@ pub(crate) const SYNONYMS: &[(&str, &str)] = &[
     ("brain", "cerebral"),
     ("tumor", "neoplasm"),
     ("cancer", "malignant"),
+    ("cancer", "neoplasm"),
+    ("carcinoma", "malignant"),
     ("high", "elevated"),
     ("blood", "hemorrhage"),
     ("stroke", "infarction"),

@@ -11,6 +11,7 @@ use crate::cm::{CmCodeSet, CmKind};
 use crate::code::{dotted, guess_system};
 use crate::notes::{Note, NoteKind};
 use crate::pcs::{PcsAxisValue, PcsCodeSet};
+use crate::procedures::ProcedureVocabulary;
 use crate::search::{DocRef, SearchFilter, SearchIndex};
 use crate::{cache, CodeError, CodeSystem, IcdCode, IcdError};
 
@@ -133,7 +134,11 @@ impl IcdKnowledge {
             sources.pcs_axes_db.as_deref(),
             &sources.pcs_version,
         )?;
-        let search_index = SearchIndex::build(&cm, &pcs);
+        let procedures = match &sources.pcs_axes_db {
+            Some(db) => ProcedureVocabulary::load(db)?,
+            None => ProcedureVocabulary::default(),
+        };
+        let search_index = SearchIndex::build(&cm, &pcs, procedures);
         Ok(Self {
             cm,
             pcs,
@@ -236,11 +241,17 @@ impl IcdKnowledge {
                 }
                 let children: Vec<_> = entry.children.iter().map(|c| self.cm.entry(*c)).collect();
                 if !children.is_empty() && children.iter().all(|c| c.kind == CmKind::Extended) {
+                    // The meaning from the 7th-character definition, not cut from the child's
+                    // description: meanings hold commas ("type IIIA, IIIB, or IIIC").
+                    let definitions = self.cm.seventh_characters_for(index);
                     let options = children
                         .iter()
                         .map(|c| {
                             let seventh = c.code.chars().last().unwrap_or('?');
-                            let meaning = c.description.rsplit(", ").next().unwrap_or_default();
+                            let meaning = definitions
+                                .iter()
+                                .find(|(defined, _)| *defined == seventh)
+                                .map_or("", |(_, meaning)| meaning.as_str());
                             format!("{seventh} ({meaning})")
                         })
                         .collect::<Vec<_>>()

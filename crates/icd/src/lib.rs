@@ -11,6 +11,7 @@ mod error;
 mod kb;
 pub mod notes;
 pub mod pcs;
+mod procedures;
 pub mod search;
 
 pub use code::{CodeSystem, IcdCode};
