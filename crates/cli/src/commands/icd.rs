@@ -47,6 +47,12 @@ pub enum IcdCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Use the official CMS ICD-10-PCS tables XML (icd10pcs_tables_<year>.xml) for PCS:
+    /// that fiscal year's codes and the names of every axis value, all sections.
+    ///
+    /// No registry package ships this file; download it from CMS with the yearly ICD-10-PCS
+    /// files. It is checked, then copied into $MEDCODER_HOME/sources.
+    ImportPcsTables { file: PathBuf },
     /// Code counts of the loaded code sets and the load time.
     Stats {
         #[arg(long)]
@@ -61,6 +67,9 @@ pub enum SystemArg {
 }
 
 pub fn run(command: IcdCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
+    if let IcdCommand::ImportPcsTables { file } = &command {
+        return import_pcs_tables(file, home);
+    }
     let started = Instant::now();
     let kb = IcdKnowledge::load(home).context("loading the ICD knowledge base")?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -150,6 +159,7 @@ pub fn run(command: IcdCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode>
                 ExitCode::from(1)
             })
         }
+        IcdCommand::ImportPcsTables { .. } => unreachable!("handled before loading"),
         IcdCommand::Stats { json } => {
             let stats = serde_json::json!({
                 "cm_version": kb.cm.version,
@@ -305,4 +315,26 @@ fn validate(kb: &IcdKnowledge, file: &PathBuf, json: bool) -> anyhow::Result<Exi
 
 fn fs_open(path: &PathBuf) -> anyhow::Result<std::fs::File> {
     std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))
+}
+
+fn import_pcs_tables(file: &PathBuf, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
+    let tables = medcoder_icd::parse_pcs_tables(file)?;
+    anyhow::ensure!(
+        !tables.codes.is_empty(),
+        "{}: no ICD-10-PCS table found (expected <pcsTable> elements)",
+        file.display()
+    );
+    let target = medcoder_icd::pcs_tables_path(home);
+    let dir = target.parent().context("sources folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::fs::copy(file, tmp.path()).with_context(|| format!("copying {}", file.display()))?;
+    tmp.persist(&target)?;
+    println!(
+        "imported ICD-10-PCS FY{} tables: {} codes -> {}",
+        tables.year,
+        tables.codes.len(),
+        target.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
