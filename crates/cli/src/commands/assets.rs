@@ -72,7 +72,7 @@ pub fn run(command: AssetsCommand, home: &MedcoderHome) -> anyhow::Result<ExitCo
                         FetchOutcome::AlreadyPresent => "present",
                         FetchOutcome::Installed => "installed",
                     };
-                    println!("{id:<24} {what:<10} {}", home.asset_dir(id).display());
+                    outln!("{id:<24} {what:<10} {}", home.asset_dir(id).display());
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -97,17 +97,20 @@ pub fn run(command: AssetsCommand, home: &MedcoderHome) -> anyhow::Result<ExitCo
                     .collect();
                 super::print_json(&rows)?;
             } else {
-                println!("MEDCODER_HOME {}", home.root().display());
+                outln!("MEDCODER_HOME {}", home.root().display());
                 for a in &assets {
                     let state = if a.is_present() { "present" } else { "missing" };
                     let size = format!("{:.1} MB", a.total_bytes() as f64 / 1e6);
-                    println!(
+                    outln!(
                         "{:<24} {:<9} {:>9}  {}",
-                        a.spec.id, state, size, a.spec.summary
+                        a.spec.id,
+                        state,
+                        size,
+                        a.spec.summary
                     );
                 }
                 if assets.iter().any(|a| !a.is_present()) {
-                    println!("fetch the missing ones with: medcoder assets fetch");
+                    outln!("fetch the missing ones with: medcoder assets fetch");
                 }
             }
             Ok(ExitCode::SUCCESS)

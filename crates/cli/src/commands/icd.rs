@@ -80,7 +80,7 @@ pub fn run(command: IcdCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode>
             if json {
                 super::print_json(&info)?;
             } else {
-                print_info(&info);
+                print_info(&info)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -107,17 +107,19 @@ pub fn run(command: IcdCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode>
             if json {
                 super::print_json(&hits)?;
             } else if hits.is_empty() {
-                println!("no code matches `{query}`");
+                outln!("no code matches `{query}`");
             } else {
                 for hit in &hits {
                     let mark = if hit.billable { ' ' } else { '*' };
-                    println!(
+                    outln!(
                         "{:<9}{mark} {:>6.2}  {}",
-                        hit.code, hit.score, hit.description
+                        hit.code,
+                        hit.score,
+                        hit.description
                     );
                 }
                 if hits.iter().any(|h| !h.billable) {
-                    println!("(* header code: not billable)");
+                    outln!("(* header code: not billable)");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -147,10 +149,10 @@ pub fn run(command: IcdCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode>
             if json {
                 super::print_json(&pairs)?;
             } else if pairs.is_empty() {
-                println!("no Excludes1 conflict");
+                outln!("no Excludes1 conflict");
             } else {
                 for p in &pairs {
-                    println!("{} + {}: Excludes1 at {}: {}", p.a, p.b, p.note_at, p.note);
+                    outln!("{} + {}: Excludes1 at {}: {}", p.a, p.b, p.note_at, p.note);
                 }
             }
             Ok(if pairs.is_empty() {
@@ -178,7 +180,7 @@ pub fn run(command: IcdCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode>
                 super::print_json(&stats)?;
             } else if let Some(map) = stats.as_object() {
                 for (key, value) in map {
-                    println!("{key:<28} {value}");
+                    outln!("{key:<28} {value}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -186,57 +188,58 @@ pub fn run(command: IcdCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode>
     }
 }
 
-fn print_info(info: &CodeInfo) {
+fn print_info(info: &CodeInfo) -> anyhow::Result<()> {
     let billable = if info.billable {
         "billable"
     } else {
         "not billable"
     };
-    println!("{}  {}", info.code, info.description);
-    println!("  {} · {} · {}", info.version, info.kind, billable);
+    outln!("{}  {}", info.code, info.description);
+    outln!("  {} · {} · {}", info.version, info.kind, billable);
     if !info.parents.is_empty() {
-        println!("  within:");
+        outln!("  within:");
         for p in &info.parents {
-            println!("    {:<10} {}", p.code, p.description);
+            outln!("    {:<10} {}", p.code, p.description);
         }
     }
     if !info.axes.is_empty() {
-        println!("  axes:");
+        outln!("  axes:");
         for a in &info.axes {
             let label = a
                 .label
                 .as_deref()
                 .unwrap_or("(value not named by the loaded sources)");
-            println!("    {} {:<32} {}  {label}", a.position, a.axis, a.value);
+            outln!("    {} {:<32} {}  {label}", a.position, a.axis, a.value);
         }
     }
     if !info.seventh_characters.is_empty() {
-        println!("  7th characters:");
+        outln!("  7th characters:");
         for s in &info.seventh_characters {
-            println!("    {}  {}", s.character, s.meaning);
+            outln!("    {}  {}", s.character, s.meaning);
         }
     }
     if !info.children.is_empty() {
-        println!("  codes below ({}):", info.children.len());
+        outln!("  codes below ({}):", info.children.len());
         for c in info.children.iter().take(40) {
             let mark = if c.billable { ' ' } else { '*' };
-            println!("    {:<10}{mark} {}", c.code, c.description);
+            outln!("    {:<10}{mark} {}", c.code, c.description);
         }
         if info.children.len() > 40 {
-            println!("    … {} more", info.children.len() - 40);
+            outln!("    … {} more", info.children.len() - 40);
         }
     }
     if !info.notes.is_empty() {
-        println!("  notes:");
+        outln!("  notes:");
         for n in &info.notes {
             let at = if n.from == info.code {
                 String::new()
             } else {
                 format!(" (at {})", n.from)
             };
-            println!("    {}{at}: {}", n.kind.label(), n.text);
+            outln!("    {}{at}: {}", n.kind.label(), n.text);
         }
     }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -330,7 +333,7 @@ fn import_pcs_tables(file: &PathBuf, home: &MedcoderHome) -> anyhow::Result<Exit
     let tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::fs::copy(file, tmp.path()).with_context(|| format!("copying {}", file.display()))?;
     tmp.persist(&target)?;
-    println!(
+    outln!(
         "imported ICD-10-PCS FY{} tables: {} codes -> {}",
         tables.year,
         tables.codes.len(),
