@@ -45,6 +45,15 @@ enum Command {
     /// The ICD-10-CM/PCS knowledge base: show, search and validate codes.
     #[command(subcommand)]
     Icd(commands::icd::IcdCommand),
+    /// Import corpora into the DuckDB store: MIMIC-III/IV, CodiEsp, instruction JSONL.
+    #[command(subcommand)]
+    Prepare(commands::prepare::PrepareCommand),
+    /// Inspect a medcoder database.
+    #[command(subcommand)]
+    Db(commands::prepare::DbCommand),
+    /// Benchmarks, each side by side with its floor or anchor in the same run.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +69,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Assets(cmd) => commands::assets::run(cmd, &home),
         Command::Icd(cmd) => commands::icd::run(cmd, &home),
+        Command::Prepare(cmd) => commands::prepare::run(cmd, &home),
+        Command::Db(cmd) => commands::prepare::run_db(cmd),
+        Command::Bench(cmd) => commands::bench::run(cmd, &home),
     };
     match result {
         Ok(code) => code,

@@ -8,7 +8,9 @@ macro_rules! outln {
 }
 
 pub mod assets;
+pub mod bench;
 pub mod icd;
+pub mod prepare;
 
 /// Print a value as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
 //! Running the `medcoder` binary in tests.
+#![allow(dead_code)] // each test binary uses a subset of these helpers
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -97,4 +98,17 @@ pub fn json(run: &Run) -> serde_json::Value {
             run.stdout, run.stderr
         )
     })
+}
+
+/// `medcoder ARGS` started in the background (stdout and stderr discarded), to be killed.
+pub fn spawn_medcoder(home: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_medcoder"))
+        .args(args)
+        .env(MedcoderHome::ENV, home)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the medcoder binary")
 }
