@@ -63,10 +63,17 @@ impl ModelTokenizer {
 
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::File {
-            path: path.clone(),
-            message: format!("not a tokenizer: {e}"),
-        })?;
+        let mut tokenizer =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::File {
+                path: path.clone(),
+                message: format!("not a tokenizer: {e}"),
+            })?;
+        // A tokenizer.json may carry truncation and padding settings (sentence embedders do):
+        // ids must be the whole text, cut only where the caller decides.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None);
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = if config_path.is_file() {
             serde_json::from_str(&fs_err::read_to_string(&config_path)?).map_err(|e| {

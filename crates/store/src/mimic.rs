@@ -289,7 +289,7 @@ pub fn import_mimic(store: &Store, options: &MimicOptions) -> Result<ImportRepor
     let mut skipped = Vec::new();
     for (table, source) in &sources {
         let Some((path, header)) = source else {
-            tracing::warn!(table = table.table, "optional table absent: {}", table.file);
+            tracing::info!(table = table.table, "optional table absent: {}", table.file);
             continue;
         };
         if store.table_exists(schema, table.table)? && !options.drop {
