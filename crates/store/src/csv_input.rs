@@ -69,6 +69,48 @@ pub(crate) fn require_columns(path: &Path, required: &[&str]) -> Result<Vec<Stri
     }
 }
 
+/// A DuckDB CSV error as the user should see it: the file, the line, what was wrong. The rest
+/// of DuckDB's message is left out: it repeats the offending row ("Original Line"), which can
+/// be note text, and clinical text never goes into logs or error messages.
+pub(crate) fn csv_error(path: &Path, message: &str) -> StoreError {
+    let line = message.find("Line: ").and_then(|at| {
+        message[at + 6..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u64>()
+            .ok()
+    });
+    let detail = message
+        .lines()
+        .map(str::trim)
+        .find(|l| {
+            l.starts_with("Error when converting column")
+                || l.starts_with("Expected Number of Columns")
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let first = message.lines().next().unwrap_or_default();
+            first
+                .split("Original Line")
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        });
+    match line {
+        Some(line) => StoreError::InputLine {
+            path: path.to_path_buf(),
+            line,
+            message: detail,
+        },
+        None => StoreError::Input {
+            path: path.to_path_buf(),
+            message: detail,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +136,14 @@ mod tests {
             err.to_string().contains("missing column(s) anchor_age"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn duckdb_csv_errors_keep_line_and_cause_but_not_the_row() {
+        let message = "Conversion Error: CSV Error on Line: 7\nOriginal Line: 1,2,x7,secret note text\nError when converting column \"seq_num\". Could not convert string \"x7\" to 'INTEGER'\n\n  file = f.csv";
+        let err = csv_error(Path::new("d.csv"), message).to_string();
+        assert_eq!(err, "d.csv: line 7: Error when converting column \"seq_num\". Could not convert string \"x7\" to 'INTEGER'");
+        assert!(!err.contains("secret"));
     }
 
     #[test]

@@ -20,6 +20,14 @@ CREATE TABLE IF NOT EXISTS datasets (
     options VARCHAR NOT NULL,
     imported_at TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
+-- Where each raw source table was read from (reused only when the file is the same).
+CREATE TABLE IF NOT EXISTS raw_sources (
+    table_schema VARCHAR NOT NULL,
+    table_name VARCHAR NOT NULL,
+    file VARCHAR NOT NULL,
+    bytes BIGINT NOT NULL,
+    modified BIGINT NOT NULL
+);
 -- One row per unit that gets codes: a MIMIC admission, a CodiEsp case report.
 CREATE TABLE IF NOT EXISTS documents (
     dataset VARCHAR NOT NULL,

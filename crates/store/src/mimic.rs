@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use duckdb::{params, Connection};
 use serde::{Deserialize, Serialize};
 
-use crate::csv_input::{locate, require_columns};
+use crate::csv_input::{csv_error, locate, require_columns};
 use crate::db::{sql_path, DatasetKind};
 use crate::error::DbContext;
 use crate::splits::{assign_by_patient, assign_from_file, seeded_rank, SplitRatios};
@@ -293,6 +293,7 @@ pub fn import_mimic(store: &Store, options: &MimicOptions) -> Result<ImportRepor
             continue;
         };
         if store.table_exists(schema, table.table)? && !options.drop {
+            check_same_source(store, schema, table.table, path)?;
             skipped.push(table.table.to_string());
             continue;
         }
@@ -333,6 +334,45 @@ pub fn import_mimic(store: &Store, options: &MimicOptions) -> Result<ImportRepor
     crate::stats::import_report(store, &name, imported, skipped)
 }
 
+/// A file's size and modification time (seconds), to tell whether a raw table came from it.
+fn file_identity(path: &Path) -> Result<(i64, i64), StoreError> {
+    let meta = fs_err::metadata(path)?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64);
+    Ok((meta.len() as i64, modified))
+}
+
+/// A raw table already in the database is reused only if it was read from this very file.
+fn check_same_source(
+    store: &Store,
+    schema: &str,
+    table: &str,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let recorded: Option<(String, i64, i64)> = store
+        .conn()
+        .query_row(
+            "SELECT file, bytes, modified FROM raw_sources WHERE table_schema = ? AND table_name = ?",
+            params![schema, table],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ok();
+    let (bytes, modified) = file_identity(path)?;
+    let here = path.to_string_lossy();
+    match recorded {
+        Some((file, b, m)) if file == here && b == bytes && m == modified => Ok(()),
+        Some((file, ..)) => Err(StoreError::Invalid(format!(
+            "{schema}.{table} was imported from {file}, not from {here} as it is now: pass --drop to import it again"
+        ))),
+        None => Err(StoreError::Invalid(format!(
+            "{schema}.{table} exists but its source file is not recorded: pass --drop to import it again"
+        ))),
+    }
+}
+
 /// One raw table, in its own transaction: `CREATE TABLE … AS SELECT … FROM read_csv(…)` with
 /// the columns we rely on typed and every other column kept as text.
 fn import_raw_table(
@@ -364,10 +404,18 @@ fn import_raw_table(
     tracing::info!(table = table.table, file = %path.display(), "importing");
     store.in_transaction(&format!("importing {}", path.display()), |conn| {
         conn.execute_batch(&sql)
-            .map_err(|source| StoreError::Input {
-                path: path.to_path_buf(),
-                message: source.to_string(),
-            })?;
+            .map_err(|source| csv_error(path, &source.to_string()))?;
+        let (bytes, modified) = file_identity(path)?;
+        conn.execute(
+            "DELETE FROM raw_sources WHERE table_schema = ? AND table_name = ?",
+            params![schema, table.table],
+        )
+        .db(|| "recording the source file".into())?;
+        conn.execute(
+            "INSERT INTO raw_sources VALUES (?, ?, ?, ?, ?)",
+            params![schema, table.table, path.to_string_lossy(), bytes, modified],
+        )
+        .db(|| "recording the source file".into())?;
         let rows: i64 = conn
             .query_row(
                 &format!("SELECT count(*) FROM {schema}.{}", table.table),

@@ -152,6 +152,15 @@ pub(crate) fn import_report(
     tables_skipped: Vec<String>,
 ) -> Result<ImportReport, StoreError> {
     let stats = store.dataset_stats(name)?;
+    let in_splits: u64 = stats.splits.iter().map(|(_, n)| n).sum();
+    let mut notes = Vec::new();
+    let units = stats.documents.max(stats.conversations);
+    if in_splits < units {
+        notes.push(format!(
+            "{} of {units} documents have no split (absent from the split file)",
+            units - in_splits
+        ));
+    }
     Ok(ImportReport {
         dataset: name.to_string(),
         tables_imported,
@@ -162,6 +171,6 @@ pub(crate) fn import_report(
         procedure_codes: stats.procedure_codes,
         code_status: stats.code_status,
         splits: stats.splits,
-        notes: Vec::new(),
+        notes,
     })
 }

@@ -89,18 +89,19 @@ fn a_malformed_row_names_file_and_line_and_a_fixed_file_imports() {
     let good = read_gz(&diagnoses);
     let mut lines: Vec<String> = good.lines().map(str::to_string).collect();
     // Line 7 of the file (the header is line 1): seq_num `x`.
-    let fields: Vec<&str> = lines[6].split(',').collect();
+    let fields: Vec<String> = lines[6].split(',').map(str::to_string).collect();
     lines[6] = format!("{},{},x,{},{}", fields[0], fields[1], fields[3], fields[4]);
     write_gz(&diagnoses, &(lines.join("\n") + "\n"));
     let err = import_synthetic(tmp.path(), &src).unwrap_err();
     let message = err.to_string();
     assert!(message.contains("diagnoses_icd.csv.gz"), "{message}");
-    // DuckDB's own report: "CSV Error on Line: 7", the line itself, the column and the type.
     assert!(
-        message.contains("Line: 7") || message.contains("line 7"),
+        message.contains("diagnoses_icd.csv.gz: line 7:"),
         "{message}"
     );
     assert!(message.contains("seq_num"), "{message}");
+    // The row itself (which, in a notes file, is clinical text) is not repeated.
+    assert!(!message.contains(&lines[6]), "{message}");
     assert_nothing_written(tmp.path());
 
     write_gz(&diagnoses, &good);
@@ -233,4 +234,35 @@ fn importing_again_with_other_options_is_refused() {
     };
     import_instructions(&store, &dropped).unwrap();
     assert_eq!(store.dataset_stats("sft").unwrap().conversations, 10);
+}
+
+#[test]
+fn raw_tables_from_another_release_are_not_silently_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _) = synthetic_release(tmp.path());
+    let other = tmp.path().join("other-release");
+    medcoder_store::synthetic::write_synthetic_mimic_iv(
+        &other,
+        &medcoder_store::synthetic::SyntheticMimic {
+            patients: 3,
+            ..medcoder_store::synthetic::SyntheticMimic::small()
+        },
+    )
+    .unwrap();
+    import_synthetic(tmp.path(), &src).unwrap();
+    let store = open_store(tmp.path());
+    let mut options = support::mimic_options(&other, MimicVersion::Iv);
+    options.name = Some("other".into());
+    let message = import_mimic(&store, &options).unwrap_err().to_string();
+    assert!(
+        message.contains("mimic_iv.patients was imported from"),
+        "{message}"
+    );
+    assert!(message.contains("--drop"), "{message}");
+    options.drop = true;
+    let report = import_mimic(&store, &options).unwrap();
+    assert_eq!(
+        report.documents,
+        store.dataset_stats("other").unwrap().documents
+    );
 }
