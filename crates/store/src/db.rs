@@ -166,6 +166,14 @@ impl Store {
             fs_err::create_dir_all(parent)?;
         }
         let conn = Connection::open(path).db(|| format!("opening database {}", path.display()))?;
+        // Imports of full releases must fit beside everything else on a modest machine:
+        // DuckDB spills to disk past this limit (default 3GB, MEDCODER_DB_MEMORY to change it).
+        let memory = std::env::var("MEDCODER_DB_MEMORY").unwrap_or_else(|_| "3GB".into());
+        conn.execute_batch(&format!(
+            "SET memory_limit = '{}'; SET preserve_insertion_order = false;",
+            memory.replace('\'', "")
+        ))
+        .db(|| format!("configuring {}", path.display()))?;
         let store = Self {
             conn,
             path: path.to_path_buf(),

@@ -497,7 +497,8 @@ fn notes_select(store: &Store, version: MimicVersion) -> Result<String, StoreErr
 }
 
 /// `{schema}.admission_facts`: one row per admission with its note text, ordered diagnosis and
-/// procedure codes (by seq_num) and ICD version.
+/// procedure codes (by seq_num) and ICD version. A view over the raw tables: the note text is
+/// stored once (in `documents`), not copied into a second table.
 fn build_facts(store: &Store, conn: &Connection, version: MimicVersion) -> Result<(), StoreError> {
     let schema = version.schema();
     let notes = notes_select(store, version)?;
@@ -506,7 +507,7 @@ fn build_facts(store: &Store, conn: &Connection, version: MimicVersion) -> Resul
         MimicVersion::Iii => ("icd9_code", "9"),
     };
     let sql = format!(
-        "CREATE OR REPLACE TABLE {schema}.admission_facts AS
+        "CREATE OR REPLACE VIEW {schema}.admission_facts AS
          WITH dx AS (SELECT hadm_id, list(trim({code}) ORDER BY seq_num) AS codes, min({icd_version}) AS v
                      FROM {schema}.diagnoses_icd GROUP BY hadm_id),
               px AS (SELECT hadm_id, list(trim({code}) ORDER BY seq_num) AS codes, min({icd_version}) AS v
@@ -518,6 +519,19 @@ fn build_facts(store: &Store, conn: &Connection, version: MimicVersion) -> Resul
          FROM {schema}.admissions a
          LEFT JOIN dx USING (hadm_id) LEFT JOIN px USING (hadm_id) LEFT JOIN notes USING (hadm_id)"
     );
+    // Databases made before the facts became a view hold a table of that name.
+    let is_table: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM information_schema.tables
+             WHERE table_schema = ? AND table_name = 'admission_facts' AND table_type = 'BASE TABLE'",
+            params![schema],
+            |r| r.get(0),
+        )
+        .db(|| format!("looking up {schema}.admission_facts"))?;
+    if is_table {
+        conn.execute_batch(&format!("DROP TABLE {schema}.admission_facts"))
+            .db(|| format!("replacing {schema}.admission_facts"))?;
+    }
     conn.execute_batch(&sql)
         .db(|| format!("building {schema}.admission_facts"))
 }
@@ -546,27 +560,32 @@ fn fill_dataset(
         params![name],
     )
     .db(|| format!("filling documents of {name}"))?;
-    for (kind, column) in [
-        ("diagnosis", "diagnosis_codes"),
-        ("procedure", "procedure_codes"),
+    let (code, icd_version) = if schema == MimicVersion::Iii.schema() {
+        ("icd9_code", "9")
+    } else {
+        ("icd_code", "icd_version")
+    };
+    for (kind, table) in [
+        ("diagnosis", "diagnoses_icd"),
+        ("procedure", "procedures_icd"),
     ] {
         // ICD-10-CM gets its dot after the category; ICD-10-PCS and ICD-9 stay as given.
         let normalized = if kind == "diagnosis" {
-            "CASE WHEN icd_version = 10 AND length(c) > 3 THEN upper(substr(c, 1, 3)) || '.' || upper(substr(c, 4)) \
-             WHEN icd_version = 10 THEN upper(c) ELSE c END"
+            "CASE WHEN v = 10 AND length(c) > 3 THEN upper(substr(c, 1, 3)) || '.' || upper(substr(c, 4)) \
+             WHEN v = 10 THEN upper(c) ELSE c END"
         } else {
-            "CASE WHEN icd_version = 10 THEN upper(c) ELSE c END"
+            "CASE WHEN v = 10 THEN upper(c) ELSE c END"
         };
         conn.execute(
             &format!(
                 "INSERT INTO document_codes
-                 SELECT ?, CAST(hadm_id AS VARCHAR), '{kind}', CAST(i AS INTEGER), {normalized}, icd_version
-                 FROM (SELECT hadm_id, icd_version, unnest({column}) AS c,
-                              generate_subscripts({column}, 1) AS i
-                       FROM {schema}.admission_facts WHERE {keep})
-                 WHERE c IS NOT NULL AND c <> ''"
+                 SELECT ?, doc_id, '{kind}', seq_num, {normalized}, v
+                 FROM (SELECT CAST(hadm_id AS VARCHAR) AS doc_id, seq_num, trim({code}) AS c, {icd_version} AS v
+                       FROM {schema}.{table})
+                 WHERE c IS NOT NULL AND c <> ''
+                   AND doc_id IN (SELECT doc_id FROM documents WHERE dataset = ?)"
             ),
-            params![name],
+            params![name, name],
         )
         .db(|| format!("filling {kind} codes of {name}"))?;
     }

@@ -168,6 +168,30 @@ impl GzCsv {
     }
 }
 
+/// Made-up words of 1 to 4 syllables.
+fn pseudo_words(rng: &mut Rng, n: usize) -> Vec<String> {
+    const ONSETS: &[&str] = &[
+        "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "v", "st", "tr", "ph",
+        "ch",
+    ];
+    const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ia", "eo", "ou"];
+    const CODAS: &[&str] = &["", "", "n", "r", "s", "l", "x", "m", "t"];
+    (0..n)
+        .map(|_| {
+            (0..1 + rng.below(4))
+                .map(|_| {
+                    format!(
+                        "{}{}{}",
+                        ONSETS[rng.below(ONSETS.len())],
+                        VOWELS[rng.below(VOWELS.len())],
+                        CODAS[rng.below(CODAS.len())]
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
 fn quoted(text: &str) -> String {
     format!("\"{}\"", text.replace('"', "\"\""))
 }
@@ -199,6 +223,7 @@ pub fn write_synthetic_mimic_iv(
         dir.join("note/discharge.csv.gz"),
         "note_id,subject_id,hadm_id,note_type,note_seq,charttime,storetime,text",
     )?;
+    let vocabulary = pseudo_words(&mut rng, 4_000);
     let mut hadm_id: u64 = 20_000_000;
     for p in 0..spec.patients {
         let subject_id = 10_000_000 + p;
@@ -250,7 +275,23 @@ pub fn write_synthetic_mimic_iv(
                     "Name:  ___                     Unit No:   ___\n\nChief Complaint:\n",
                 );
                 while text.len() < spec.note_chars {
-                    text.push_str(SENTENCES[rng.below(SENTENCES.len())]);
+                    // Mostly varied words, so that the text compresses like real notes do
+                    // (a few templated sentences alone would gzip 20:1 and flatter the reader).
+                    if rng.unit() < 0.15 {
+                        text.push_str(SENTENCES[rng.below(SENTENCES.len())]);
+                    } else {
+                        for w in 0..6 + rng.below(12) {
+                            if w > 0 {
+                                text.push(' ');
+                            }
+                            text.push_str(&vocabulary[rng.below(vocabulary.len())]);
+                        }
+                        text.push_str(if rng.unit() < 0.1 {
+                            ", \"noted\"."
+                        } else {
+                            "."
+                        });
+                    }
                     text.push(if rng.unit() < 0.2 { '\n' } else { ' ' });
                 }
                 writeln!(
