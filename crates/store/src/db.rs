@@ -166,14 +166,19 @@ impl Store {
             fs_err::create_dir_all(parent)?;
         }
         let conn = Connection::open(path).db(|| format!("opening database {}", path.display()))?;
-        // Imports of full releases must fit beside everything else on a modest machine:
-        // DuckDB spills to disk past this limit (default 3GB, MEDCODER_DB_MEMORY to change it).
-        let memory = std::env::var("MEDCODER_DB_MEMORY").unwrap_or_else(|_| "3GB".into());
-        conn.execute_batch(&format!(
-            "SET memory_limit = '{}'; SET preserve_insertion_order = false;",
-            memory.replace('\'', "")
-        ))
-        .db(|| format!("configuring {}", path.display()))?;
+        // DuckDB's own memory limit (80% of RAM) unless MEDCODER_DB_MEMORY says otherwise
+        // (e.g. `2GB`): past the limit DuckDB spills to disk where it can.
+        let memory = match std::env::var("MEDCODER_DB_MEMORY") {
+            Ok(limit) if !limit.trim().is_empty() => {
+                format!("SET memory_limit = '{}';", limit.replace('\'', ""))
+            }
+            _ => String::new(),
+        };
+        // Insertion order is kept: evidence and codes read back in file order.
+        if !memory.is_empty() {
+            conn.execute_batch(&memory)
+                .db(|| format!("configuring {}", path.display()))?;
+        }
         let store = Self {
             conn,
             path: path.to_path_buf(),

@@ -320,7 +320,8 @@ pub fn import_mimic(store: &Store, options: &MimicOptions) -> Result<ImportRepor
         if let Some(kept) = &kept {
             write_kept_patients(conn, kept)?;
         }
-        fill_dataset(conn, &name, schema, options.icd9, kept.is_some())?;
+        let notes = notes_select(store, version)?;
+        fill_dataset(conn, &name, schema, &notes, options.icd9, kept.is_some())?;
         if kept.is_some() {
             conn.execute_batch("DROP TABLE kept_patients")
                 .db(|| "limiting patients".into())?;
@@ -395,7 +396,7 @@ fn import_raw_table(
         .collect();
     let sql = format!(
         "CREATE OR REPLACE TABLE {schema}.{name} AS SELECT * FROM read_csv({file}, header = true, \
-         delim = ',', quote = '\"', escape = '\"', max_line_size = 33554432, \
+         delim = ',', quote = '\"', escape = '\"', max_line_size = 4194304, buffer_size = 16777216, \
          columns = {{{columns}}})",
         name = table.table,
         file = sql_path(path),
@@ -541,6 +542,7 @@ fn fill_dataset(
     conn: &Connection,
     name: &str,
     schema: &str,
+    notes: &str,
     icd9: IcdNineHandling,
     limited: bool,
 ) -> Result<(), StoreError> {
@@ -552,19 +554,41 @@ fn fill_dataset(
     if limited {
         keep.push_str(" AND subject_id IN (SELECT subject_id FROM kept_patients)");
     }
-    conn.execute(
-        &format!(
-            "INSERT INTO documents SELECT ?, CAST(hadm_id AS VARCHAR), CAST(subject_id AS VARCHAR), \
-             note_text, 'en', icd_version FROM {schema}.admission_facts WHERE {keep}"
-        ),
-        params![name],
-    )
-    .db(|| format!("filling documents of {name}"))?;
     let (code, icd_version) = if schema == MimicVersion::Iii.schema() {
         ("icd9_code", "9")
     } else {
         ("icd_code", "icd_version")
     };
+    // Most admissions have one discharge note: it is joined as it is. Only the few with several
+    // are concatenated, since an ordered string_agg over every note holds all text in memory
+    // at once (gigabytes on a full release).
+    conn.execute(
+        &format!(
+            "INSERT INTO documents
+             WITH counted AS (SELECT hadm_id, count(*) AS k FROM ({notes}) WHERE hadm_id IS NOT NULL GROUP BY hadm_id),
+                  single AS (SELECT hadm_id, text FROM ({notes})
+                             WHERE hadm_id IN (SELECT hadm_id FROM counted WHERE k = 1)),
+                  multi AS (SELECT hadm_id, string_agg(text, chr(10) || chr(10) ORDER BY ord, tie) AS text
+                            FROM ({notes}) WHERE hadm_id IN (SELECT hadm_id FROM counted WHERE k > 1)
+                            GROUP BY hadm_id),
+                  note AS (SELECT * FROM single UNION ALL SELECT * FROM multi),
+                  versions AS (SELECT hadm_id, min(v) AS icd_version FROM (
+                                 SELECT hadm_id, {icd_version} AS v FROM {schema}.diagnoses_icd
+                                 UNION ALL SELECT hadm_id, {icd_version} AS v FROM {schema}.procedures_icd)
+                               GROUP BY hadm_id),
+                  admitted AS (SELECT a.hadm_id, a.subject_id, versions.icd_version
+                               FROM {schema}.admissions a LEFT JOIN versions USING (hadm_id))
+             SELECT ?, CAST(admitted.hadm_id AS VARCHAR), CAST(admitted.subject_id AS VARCHAR),
+                    note.text, 'en', admitted.icd_version
+             FROM note JOIN admitted USING (hadm_id) WHERE {keep}
+             UNION ALL
+             SELECT ?, CAST(admitted.hadm_id AS VARCHAR), CAST(admitted.subject_id AS VARCHAR),
+                    NULL, 'en', admitted.icd_version
+             FROM admitted WHERE hadm_id NOT IN (SELECT hadm_id FROM counted) AND {keep}"
+        ),
+        params![name, name],
+    )
+    .db(|| format!("filling documents of {name}"))?;
     for (kind, table) in [
         ("diagnosis", "diagnoses_icd"),
         ("procedure", "procedures_icd"),
