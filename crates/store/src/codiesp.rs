@@ -72,11 +72,8 @@ pub fn import_codiesp(store: &Store, options: &CodiespOptions) -> Result<ImportR
         .unwrap_or_else(|| "codiesp".to_string());
     let options_json =
         serde_json::to_string(options).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    if store.has_dataset(&name)? && !options.drop {
-        if store.dataset(&name)?.options == options_json {
-            return crate::stats::import_report(store, &name, Vec::new(), Vec::new());
-        }
-        return Err(StoreError::DatasetExists(name));
+    if store.already_imported(&name, &options_json, options.drop)? {
+        return crate::stats::import_report(store, &name, Vec::new(), Vec::new());
     }
     let mut parts: Vec<(Split, Vec<Record>)> = Vec::new();
     for (split_name, split) in SPLITS {

@@ -282,6 +282,25 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Before importing dataset `name`: `true` when it is already there, made with the same
+    /// options (a re-run: nothing to do); an error when it was made with other options and
+    /// `drop` is off; `false` to go ahead.
+    pub(crate) fn already_imported(
+        &self,
+        name: &str,
+        options_json: &str,
+        drop: bool,
+    ) -> Result<bool, StoreError> {
+        if drop || !self.has_dataset(name)? {
+            return Ok(false);
+        }
+        if self.dataset(name)?.options == options_json {
+            tracing::info!(dataset = %name, "already imported with the same options; nothing to do");
+            return Ok(true);
+        }
+        Err(StoreError::DatasetExists(name.to_string()))
+    }
+
     /// Whether `schema.table` exists.
     pub(crate) fn table_exists(&self, schema: &str, table: &str) -> Result<bool, StoreError> {
         let n: i64 = self

@@ -143,11 +143,8 @@ pub fn import_instructions(
     let name = &options.name;
     let options_json =
         serde_json::to_string(options).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    if store.has_dataset(name)? && !options.drop {
-        if store.dataset(name)?.options == options_json {
-            return crate::stats::import_report(store, name, Vec::new(), Vec::new());
-        }
-        return Err(StoreError::DatasetExists(name.clone()));
+    if store.already_imported(name, &options_json, options.drop)? {
+        return crate::stats::import_report(store, name, Vec::new(), Vec::new());
     }
     let path = &options.src;
     let file = fs_err::File::open(path)?;

@@ -250,13 +250,8 @@ pub fn import_mimic(store: &Store, options: &MimicOptions) -> Result<ImportRepor
             hint: " (expected a MIMIC release folder)".into(),
         });
     }
-    if store.has_dataset(&name)? && !options.drop {
-        let existing = store.dataset(&name)?;
-        if existing.options == options_json {
-            tracing::info!(dataset = %name, "already imported with the same options; nothing to do");
-            return crate::stats::import_report(store, &name, Vec::new(), Vec::new());
-        }
-        return Err(StoreError::DatasetExists(name));
+    if store.already_imported(&name, &options_json, options.drop)? {
+        return crate::stats::import_report(store, &name, Vec::new(), Vec::new());
     }
 
     // Check every file before reading any, so that a bad release fails before it writes.
