@@ -10,6 +10,9 @@ use crate::StoreError;
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// DuckDB's memory limit unless MEDCODER_DB_MEMORY sets another.
+const DEFAULT_MEMORY_LIMIT: &str = "3GB";
+
 /// The tables every corpus lands in, whatever its source format.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -36,6 +39,14 @@ CREATE TABLE IF NOT EXISTS documents (
     text VARCHAR,
     lang VARCHAR,
     icd_version INTEGER
+);
+-- Documents whose text stays in a raw note table instead of being copied (a MIMIC-IV admission
+-- with one discharge note): `documents.text` is NULL and the text is that note's.
+CREATE TABLE IF NOT EXISTS note_refs (
+    dataset VARCHAR NOT NULL,
+    doc_id VARCHAR NOT NULL,
+    note_table VARCHAR NOT NULL,
+    note_id VARCHAR NOT NULL
 );
 -- Gold codes in their order (MIMIC seq_num, CodiEsp file order); ICD-10 codes normalized
 -- (E11.9, 0DTJ4ZZ), ICD-9 codes as given.
@@ -100,9 +111,13 @@ CREATE TABLE IF NOT EXISTS conversations (
 );
 ";
 
+/// Raw note tables that documents may reference by `note_id` instead of copying their text.
+pub(crate) const NOTE_TABLES: &[(&str, &str)] = &[("mimic_iv", "discharge")];
+
 /// The per-dataset tables, cleared when a dataset is imported again.
 pub(crate) const DATASET_TABLES: &[&str] = &[
     "documents",
+    "note_refs",
     "document_codes",
     "evidence",
     "splits",
@@ -166,19 +181,19 @@ impl Store {
             fs_err::create_dir_all(parent)?;
         }
         let conn = Connection::open(path).db(|| format!("opening database {}", path.display()))?;
-        // DuckDB's own memory limit (80% of RAM) unless MEDCODER_DB_MEMORY says otherwise
-        // (e.g. `2GB`): past the limit DuckDB spills to disk where it can.
-        let memory = match std::env::var("MEDCODER_DB_MEMORY") {
-            Ok(limit) if !limit.trim().is_empty() => {
-                format!("SET memory_limit = '{}';", limit.replace('\'', ""))
-            }
-            _ => String::new(),
-        };
+        // DuckDB keeps to MEDCODER_DB_MEMORY (e.g. `8GB`), 3 GB by default, spilling to disk
+        // past it: its own default (80% of RAM) lets a full MIMIC import cache gigabytes of
+        // note text it will not read again.
+        let limit = std::env::var("MEDCODER_DB_MEMORY")
+            .ok()
+            .filter(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_MEMORY_LIMIT.to_string());
         // Insertion order is kept: evidence and codes read back in file order.
-        if !memory.is_empty() {
-            conn.execute_batch(&memory)
-                .db(|| format!("configuring {}", path.display()))?;
-        }
+        conn.execute_batch(&format!(
+            "SET memory_limit = '{}';",
+            limit.replace('\'', "")
+        ))
+        .db(|| format!("configuring {} (memory limit `{limit}`)", path.display()))?;
         let store = Self {
             conn,
             path: path.to_path_buf(),
@@ -312,6 +327,23 @@ impl Store {
             )
             .db(|| format!("looking up table {schema}.{table}"))?;
         Ok(n > 0)
+    }
+
+    /// `(dataset, doc_id, text)` of every document that has text, whether stored in `documents`
+    /// or referenced in a raw note table (see `note_refs`), as a subquery to select from.
+    pub(crate) fn document_texts_sql(&self) -> Result<String, StoreError> {
+        let mut sql =
+            "SELECT dataset, doc_id, text FROM documents WHERE text IS NOT NULL".to_string();
+        for (schema, table) in NOTE_TABLES {
+            if self.table_exists(schema, table)? {
+                sql.push_str(&format!(
+                    " UNION ALL SELECT r.dataset, r.doc_id, n.text FROM note_refs r \
+                     JOIN {schema}.{table} n ON n.note_id = r.note_id \
+                     WHERE r.note_table = '{schema}.{table}'"
+                ));
+            }
+        }
+        Ok(format!("({sql})"))
     }
 
     /// Run `f` inside one transaction: everything it wrote is committed together or not at all.

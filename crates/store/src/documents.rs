@@ -69,10 +69,14 @@ impl Store {
     /// document of that id.
     pub fn document(&self, dataset: &str, doc_id: &str) -> Result<Option<Document>, StoreError> {
         let ctx = || format!("reading document {doc_id} of {dataset}");
+        let texts = self.document_texts_sql()?;
         let row = self.conn().query_row(
-            "SELECT d.patient_id, d.text, d.lang, d.icd_version, s.split FROM documents d
+            &format!(
+                "SELECT d.patient_id, t.text, d.lang, d.icd_version, s.split FROM documents d
+                 LEFT JOIN {texts} t ON t.dataset = d.dataset AND t.doc_id = d.doc_id
                  LEFT JOIN splits s ON s.dataset = d.dataset AND s.doc_id = d.doc_id
-                 WHERE d.dataset = ? AND d.doc_id = ?",
+                 WHERE d.dataset = ? AND d.doc_id = ?"
+            ),
             params![dataset, doc_id],
             |r| {
                 Ok((

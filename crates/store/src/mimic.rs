@@ -554,36 +554,73 @@ fn fill_dataset(
     } else {
         ("icd_code", "icd_version")
     };
-    // Most admissions have one discharge note: it is joined as it is. Only the few with several
-    // are concatenated, since an ordered string_agg over every note holds all text in memory
-    // at once (gigabytes on a full release).
+    // The admissions the dataset keeps, and how many discharge notes each has (no text read).
+    conn.execute_batch(&format!(
+        "CREATE OR REPLACE TEMP TABLE admitted AS
+         WITH versions AS (SELECT hadm_id, min(v) AS icd_version FROM (
+                             SELECT hadm_id, {icd_version} AS v FROM {schema}.diagnoses_icd
+                             UNION ALL SELECT hadm_id, {icd_version} AS v FROM {schema}.procedures_icd)
+                           GROUP BY hadm_id)
+         SELECT * FROM (SELECT a.hadm_id, a.subject_id, versions.icd_version
+                        FROM {schema}.admissions a LEFT JOIN versions USING (hadm_id))
+         WHERE {keep};
+         CREATE OR REPLACE TEMP TABLE note_counts AS
+         SELECT hadm_id, count(*) AS k, any_value(tie) AS note_id
+         FROM ({notes}) WHERE hadm_id IS NOT NULL GROUP BY hadm_id;"
+    ))
+    .db(|| format!("counting the notes of {name}"))?;
+    let document = "?, CAST(a.hadm_id AS VARCHAR), CAST(a.subject_id AS VARCHAR)";
+    let ctx = || format!("filling documents of {name}");
+    if schema == MimicVersion::Iv.schema() {
+        // Most admissions have one discharge note: the document refers to it instead of
+        // copying its text (gigabytes on a full release).
+        conn.execute(
+            &format!(
+                "INSERT INTO documents SELECT {document}, NULL, 'en', a.icd_version
+                 FROM admitted a JOIN note_counts c USING (hadm_id) WHERE c.k = 1"
+            ),
+            params![name],
+        )
+        .db(ctx)?;
+        conn.execute(
+            "INSERT INTO note_refs SELECT ?, CAST(a.hadm_id AS VARCHAR), 'mimic_iv.discharge', c.note_id
+             FROM admitted a JOIN note_counts c USING (hadm_id) WHERE c.k = 1",
+            params![name],
+        )
+        .db(ctx)?;
+    } else {
+        conn.execute(
+            &format!(
+                "INSERT INTO documents SELECT {document}, n.text, 'en', a.icd_version
+                 FROM ({notes}) n JOIN admitted a USING (hadm_id)
+                 WHERE hadm_id IN (SELECT hadm_id FROM note_counts WHERE k = 1)"
+            ),
+            params![name],
+        )
+        .db(ctx)?;
+    }
+    // The few admissions with several notes get them joined, in order.
     conn.execute(
         &format!(
             "INSERT INTO documents
-             WITH counted AS (SELECT hadm_id, count(*) AS k FROM ({notes}) WHERE hadm_id IS NOT NULL GROUP BY hadm_id),
-                  single AS (SELECT hadm_id, text FROM ({notes})
-                             WHERE hadm_id IN (SELECT hadm_id FROM counted WHERE k = 1)),
-                  multi AS (SELECT hadm_id, string_agg(text, chr(10) || chr(10) ORDER BY ord, tie) AS text
-                            FROM ({notes}) WHERE hadm_id IN (SELECT hadm_id FROM counted WHERE k > 1)
-                            GROUP BY hadm_id),
-                  note AS (SELECT * FROM single UNION ALL SELECT * FROM multi),
-                  versions AS (SELECT hadm_id, min(v) AS icd_version FROM (
-                                 SELECT hadm_id, {icd_version} AS v FROM {schema}.diagnoses_icd
-                                 UNION ALL SELECT hadm_id, {icd_version} AS v FROM {schema}.procedures_icd)
-                               GROUP BY hadm_id),
-                  admitted AS (SELECT a.hadm_id, a.subject_id, versions.icd_version
-                               FROM {schema}.admissions a LEFT JOIN versions USING (hadm_id))
-             SELECT ?, CAST(admitted.hadm_id AS VARCHAR), CAST(admitted.subject_id AS VARCHAR),
-                    note.text, 'en', admitted.icd_version
-             FROM note JOIN admitted USING (hadm_id) WHERE {keep}
-             UNION ALL
-             SELECT ?, CAST(admitted.hadm_id AS VARCHAR), CAST(admitted.subject_id AS VARCHAR),
-                    NULL, 'en', admitted.icd_version
-             FROM admitted WHERE hadm_id NOT IN (SELECT hadm_id FROM counted) AND {keep}"
+             WITH multi AS (SELECT hadm_id, string_agg(text, chr(10) || chr(10) ORDER BY ord, tie) AS text
+                            FROM ({notes}) WHERE hadm_id IN (SELECT hadm_id FROM note_counts WHERE k > 1)
+                            GROUP BY hadm_id)
+             SELECT {document}, multi.text, 'en', a.icd_version FROM multi JOIN admitted a USING (hadm_id)"
         ),
-        params![name, name],
+        params![name],
     )
-    .db(|| format!("filling documents of {name}"))?;
+    .db(ctx)?;
+    conn.execute(
+        &format!(
+            "INSERT INTO documents SELECT {document}, NULL, 'en', a.icd_version FROM admitted a
+             WHERE hadm_id NOT IN (SELECT hadm_id FROM note_counts)"
+        ),
+        params![name],
+    )
+    .db(ctx)?;
+    conn.execute_batch("DROP TABLE admitted; DROP TABLE note_counts")
+        .db(ctx)?;
     for (kind, table) in [
         ("diagnosis", "diagnoses_icd"),
         ("procedure", "procedures_icd"),

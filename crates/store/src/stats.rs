@@ -71,6 +71,7 @@ impl Store {
     pub fn dataset_stats(&self, name: &str) -> Result<DatasetStats, StoreError> {
         let dataset = self.dataset(name)?;
         let count = |sql: &str| self.count(sql, name);
+        let texts = self.document_texts_sql()?;
         let codes = |kind: &str, distinct: bool| {
             let what = if distinct {
                 "count(DISTINCT code)"
@@ -84,9 +85,11 @@ impl Store {
         let note_chars = self
             .conn()
             .query_row(
-                "SELECT quantile_cont(length(text), 0.5), quantile_cont(length(text), 0.9),
-                        quantile_cont(length(text), 0.99), max(length(text))
-                 FROM documents WHERE dataset = ? AND text IS NOT NULL",
+                &format!(
+                    "SELECT quantile_cont(length(text), 0.5), quantile_cont(length(text), 0.9),
+                            quantile_cont(length(text), 0.99), max(length(text))
+                     FROM {texts} t WHERE dataset = ?"
+                ),
                 params![name],
                 |r| {
                     Ok((
@@ -113,9 +116,9 @@ impl Store {
             source: dataset.source,
             imported_at: dataset.imported_at,
             documents: count("SELECT count(*) FROM documents WHERE dataset = ?")?,
-            documents_with_text: count(
-                "SELECT count(*) FROM documents WHERE dataset = ? AND text IS NOT NULL AND text <> ''",
-            )?,
+            documents_with_text: count(&format!(
+                "SELECT count(*) FROM {texts} t WHERE dataset = ? AND text <> ''"
+            ))?,
             patients: count(
                 "SELECT count(DISTINCT coalesce(patient_id, doc_id)) FROM documents WHERE dataset = ?",
             )?,

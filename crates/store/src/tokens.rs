@@ -57,15 +57,21 @@ impl Store {
         } else {
             "coalesce(d.icd_version, 10) = 10"
         };
+        // Codes are aggregated on their own and joined to the texts, so that no step holds
+        // every note's text at once (a full MIMIC-IV release has gigabytes of it).
+        let texts = self.document_texts_sql()?;
         let sql = format!(
-            "SELECT d.doc_id, any_value(s.split), any_value(d.text),
-                    string_agg(c.code, chr(31) ORDER BY c.seq) FILTER (WHERE c.kind = 'diagnosis'),
-                    string_agg(c.code, chr(31) ORDER BY c.seq) FILTER (WHERE c.kind = 'procedure')
-             FROM documents d
-             LEFT JOIN splits s ON s.dataset = d.dataset AND s.doc_id = d.doc_id
-             LEFT JOIN document_codes c ON c.dataset = d.dataset AND c.doc_id = d.doc_id
-             WHERE d.dataset = ? AND d.text IS NOT NULL AND d.text <> '' AND {version_filter}
-             GROUP BY d.doc_id ORDER BY d.doc_id"
+            "WITH codes AS (
+                 SELECT doc_id,
+                        string_agg(code, chr(31) ORDER BY seq) FILTER (WHERE kind = 'diagnosis') AS dx,
+                        string_agg(code, chr(31) ORDER BY seq) FILTER (WHERE kind = 'procedure') AS px
+                 FROM document_codes WHERE dataset = $1 GROUP BY doc_id)
+             SELECT t.doc_id, s.split, t.text, codes.dx, codes.px
+             FROM {texts} t
+             JOIN documents d ON d.dataset = t.dataset AND d.doc_id = t.doc_id
+             LEFT JOIN splits s ON s.dataset = t.dataset AND s.doc_id = t.doc_id
+             LEFT JOIN codes ON codes.doc_id = t.doc_id
+             WHERE t.dataset = $1 AND t.text <> '' AND {version_filter}"
         );
         let ctx = || format!("reading examples of {dataset}");
         let mut stmt = self.conn().prepare(&sql).db(ctx)?;
