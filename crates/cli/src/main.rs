@@ -51,6 +51,8 @@ enum Command {
     /// Inspect a medcoder database.
     #[command(subcommand)]
     Db(commands::prepare::DbCommand),
+    /// Continue a prompt, or answer a chat message, with a local model (HF folder or GGUF).
+    Generate(commands::generate::GenerateArgs),
     /// Benchmarks, each side by side with its floor or anchor in the same run.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Icd(cmd) => commands::icd::run(cmd, &home),
         Command::Prepare(cmd) => commands::prepare::run(cmd, &home),
         Command::Db(cmd) => commands::prepare::run_db(cmd),
+        Command::Generate(args) => commands::generate::run(args, &home),
         Command::Bench(cmd) => commands::bench::run(cmd, &home),
     };
     match result {

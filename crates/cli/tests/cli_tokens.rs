@@ -149,48 +149,44 @@ fn a_prompt_template_without_the_note_placeholder_is_refused() {
     assert!(store.token_rows("mimic-iv", &model).unwrap().is_empty());
 }
 
-/// The SmolLM2 asset is one GGUF file; its tokenizer cannot be read yet, and saying so beats
-/// a missing-file error. Needs the asset installed (`medcoder assets fetch smollm2-135m-instruct`).
+/// The SmolLM2 asset is one GGUF file: its tokenizer and chat template come from the GGUF
+/// metadata. Needs the asset installed (`medcoder assets fetch smollm2-135m-instruct`).
 #[test]
-fn a_gguf_model_without_tokenizer_json_fails_clearly() {
+fn a_gguf_model_tokenizes_with_its_own_vocabulary_and_chat_template() {
     let Ok(home) = MedcoderHome::from_env() else {
         eprintln!("skipping: no medcoder home");
         return;
     };
     let alias = "smollm2-135m-instruct";
-    let resolved = alias.parse::<ModelRef>().and_then(|r| r.resolve(&home));
-    let gguf = match resolved {
-        Ok(model) if model.dir.join("tokenizer.json").is_file() => {
-            eprintln!("skipping: {alias} has a tokenizer.json beside its GGUF");
-            return;
-        }
-        Ok(model) => model.file.expect("a single GGUF file"),
-        Err(error) => {
-            eprintln!("skipping: {alias} not installed ({error})");
-            return;
-        }
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("db.duckdb").display().to_string();
+    if let Err(error) = alias.parse::<ModelRef>().and_then(|r| r.resolve(&home)) {
+        eprintln!("skipping: {alias} not installed ({error})");
+        return;
+    }
+    let fx = Fixture::new();
     let args = [
         "prepare",
         "tokens",
         "--db",
-        &db,
+        &fx.db(),
         "--dataset",
         "mimic-iv",
         "--model",
         alias,
+        "--json",
     ];
-    let run = medcoder(home.root(), &args, None);
-    assert_eq!(run.code, Some(2), "{}", run.stderr);
-    let expected = format!(
-        "{}: a GGUF file without tokenizer.json beside it",
-        gguf.display()
-    );
-    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    let run = support::medcoder(home.root(), &args, None);
+    assert_ok(&run);
+    let report = json(&run);
     assert!(
-        !Path::new(&db).exists(),
-        "no database created for a failed run"
+        report["examples"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        run.stdout
     );
+    assert_eq!(report["chat_template"], true, "{}", run.stdout);
+    let store = Store::open(Path::new(&fx.db())).expect("open the database");
+    let rows = store.token_rows("mimic-iv", alias).expect("token rows");
+    let first = rows.first().expect("tokenized rows");
+    // ChatML from the GGUF's template: the prompt opens with <|im_start|> (id 1)
+    assert_eq!(first.ids[0], 1, "{:?}", &first.ids[..8]);
+    assert!(first.prompt_len > 0 && (first.prompt_len as usize) < first.ids.len());
 }

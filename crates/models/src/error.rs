@@ -19,4 +19,25 @@ pub enum ModelError {
 
     #[error("{0}")]
     Unsupported(String),
+
+    /// Candle's message is part of this one (not a separate cause), so it is printed once.
+    #[error("{context}: {cause}")]
+    Candle {
+        context: String,
+        cause: candle_core::Error,
+    },
+}
+
+/// Adds what was being done to a candle error.
+pub(crate) trait CandleContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ModelError>;
+}
+
+impl<T> CandleContext<T> for Result<T, candle_core::Error> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ModelError> {
+        self.map_err(|cause| ModelError::Candle {
+            context: context(),
+            cause,
+        })
+    }
 }

@@ -1,10 +1,20 @@
-//! Models: tokenizers and chat templates now; the candle model families (llama, qwen2, qwen3,
-//! gemma3), HF checkpoint and GGUF loading come with the models issue and live here too.
+//! Models: the candle model families (llama, qwen2, qwen3, gemma3) built on one shared
+//! transformer, loaded from HF checkpoints or GGUF files, with tokenizers and chat templates.
 
 mod chat_template;
 mod error;
+pub mod families;
+pub mod gguf_tokenizer;
+pub mod layers;
+pub mod loader;
+pub mod qmatmul_cpu;
 mod tokenizer;
+pub mod transformer;
+pub mod weights;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use error::ModelError;
+pub use gguf_tokenizer::{GgufVocab, GgufVocabModel, TokenType};
+pub use loader::{default_dtype, load_model, DeviceSpec, Family, LoadedModel};
 pub use tokenizer::ModelTokenizer;
+pub use transformer::{CausalLm, ForwardOptions, KvCache, Spec};

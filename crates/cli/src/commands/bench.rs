@@ -30,6 +30,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Prompt and decode tokens/s of our generation on a GGUF file against llama.cpp
+    /// (llama-cpp-python) on the same file, prompt and threads, in one run.
+    Generate(super::bench_generate::GenerateBenchArgs),
+    /// One measured generation run (used by `bench generate`).
+    #[command(hide = true)]
+    GenerateRun {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt_tokens: usize,
+        #[arg(long)]
+        new_tokens: usize,
+    },
     /// The floor alone: DuckDB's plain read_csv of every CSV under --src (used by `bench prepare`).
     #[command(hide = true)]
     ReadCsvFloor {
@@ -58,6 +71,12 @@ struct PrepareBench {
 
 pub fn run(command: BenchCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::Generate(args) => super::bench_generate::run(args, home),
+        BenchCommand::GenerateRun {
+            model,
+            prompt_tokens,
+            new_tokens,
+        } => super::bench_generate::run_measurement(&model, prompt_tokens, new_tokens),
         BenchCommand::ReadCsvFloor { src, db } => {
             let store = Store::open(&db)?;
             let files = medcoder_store::floor::csv_files(&src)?;
@@ -209,7 +228,7 @@ fn measure(what: &str, command: &mut Command) -> anyhow::Result<Measured> {
     })
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {

@@ -9,6 +9,8 @@ macro_rules! outln {
 
 pub mod assets;
 pub mod bench;
+pub mod bench_generate;
+pub mod generate;
 pub mod icd;
 pub mod prepare;
 

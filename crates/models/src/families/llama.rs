@@ -1,0 +1,104 @@
+//! Llama (SmolLM2, Llama 3.x, DeepSeek-R1-Distill-Llama): `LlamaForCausalLM`.
+
+use serde::Deserialize;
+
+use super::{GgufMeta, RopeScalingConfig, TokenIds};
+use crate::layers::Activation;
+use crate::transformer::Spec;
+
+/// `config.json` of a `LlamaForCausalLM`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScalingConfig>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub attention_bias: bool,
+    pub bos_token_id: Option<TokenIds>,
+    pub eos_token_id: Option<TokenIds>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Config {
+    pub fn spec(&self) -> Result<Spec, String> {
+        Ok(Spec {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads),
+            rms_norm_eps: self.rms_norm_eps,
+            max_position_embeddings: self.max_position_embeddings,
+            rope_theta: self.rope_theta,
+            rope_scaling: RopeScalingConfig::to_scaling(self.rope_scaling.as_ref())?,
+            activation: Activation::from_hf(&self.hidden_act)
+                .ok_or_else(|| format!("hidden_act `{}` is not supported", self.hidden_act))?,
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: self.attention_bias,
+            qk_norm: false,
+            sandwich_norms: false,
+            scale_embeddings: false,
+            attention_scale: None,
+            sliding_windows: vec![None; self.num_hidden_layers],
+            rope_local_theta: None,
+            final_logit_softcapping: None,
+        })
+    }
+
+    /// The same from a GGUF's `llama.*` metadata.
+    pub fn from_gguf(meta: &GgufMeta) -> Result<Self, String> {
+        let heads = meta.usize("attention.head_count")?;
+        let hidden = meta.usize("embedding_length")?;
+        Ok(Self {
+            vocab_size: meta.vocab_size()?,
+            hidden_size: hidden,
+            intermediate_size: meta.usize("feed_forward_length")?,
+            num_hidden_layers: meta.usize("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: meta.opt_usize("attention.head_count_kv")?,
+            head_dim: meta.opt_usize("attention.key_length")?,
+            rms_norm_eps: meta
+                .opt_f64("attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
+            max_position_embeddings: meta.usize("context_length")?,
+            rope_theta: meta.opt_f64("rope.freq_base")?.unwrap_or(10_000.0),
+            rope_scaling: None,
+            tie_word_embeddings: !meta.content.tensor_infos.contains_key("output.weight"),
+            hidden_act: default_act(),
+            attention_bias: meta.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            bos_token_id: None,
+            eos_token_id: None,
+        })
+    }
+}
