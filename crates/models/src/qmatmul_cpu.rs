@@ -51,9 +51,12 @@ impl BlockKind {
 }
 
 type DotFn = fn(&[u8], &[Q8Block]) -> f32;
+/// One weight row against four activation rows at once (the weight decoded once).
+type Dot4Fn = fn(&[u8], [&[Q8Block]; 4]) -> [f32; 4];
 
 struct Kernels {
     q4_1: DotFn,
+    q4_1_x4: Option<Dot4Fn>,
     q8_0: DotFn,
     q5_0: DotFn,
 }
@@ -69,6 +72,7 @@ fn kernels() -> &'static Kernels {
             {
                 return Kernels {
                     q4_1: avx2::dot_q4_1,
+                    q4_1_x4: Some(avx2::dot_q4_1_x4),
                     q8_0: avx2::dot_q8_0,
                     q5_0: dot_q5_0,
                 };
@@ -76,6 +80,7 @@ fn kernels() -> &'static Kernels {
         }
         Kernels {
             q4_1: dot_q4_1,
+            q4_1_x4: None,
             q8_0: dot_q8_0,
             q5_0: dot_q5_0,
         }
@@ -159,6 +164,10 @@ pub fn matmul(
         BlockKind::Q8_0 => kernels().q8_0,
         BlockKind::Q5_0 => kernels().q5_0,
     };
+    let dot4 = match kind {
+        BlockKind::Q4_1 => kernels().q4_1_x4,
+        _ => None,
+    };
     // Output transposed (rows, m) so that threads own whole weight rows, then put back.
     let mut transposed = vec![0f32; rows * m];
     let chunk_rows = (rows / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
@@ -169,7 +178,14 @@ pub fn matmul(
             for (i, out_row) in out.chunks_mut(m).enumerate() {
                 let row = chunk * chunk_rows + i;
                 let w = &weight[row * row_bytes..(row + 1) * row_bytes];
-                for (o, x) in out_row.iter_mut().zip(&quantized) {
+                let mut done = 0;
+                if let Some(dot4) = dot4 {
+                    for (o, x) in out_row.chunks_exact_mut(4).zip(quantized.chunks_exact(4)) {
+                        o.copy_from_slice(&dot4(w, [&x[0], &x[1], &x[2], &x[3]]));
+                        done += 4;
+                    }
+                }
+                for (o, x) in out_row[done..].iter_mut().zip(&quantized[done..]) {
                     *o = dot(w, x);
                 }
             }
@@ -177,10 +193,16 @@ pub fn matmul(
     if m == 1 {
         return transposed;
     }
+    // (rows, m) → (m, rows), in tiles that stay in cache
+    const TILE: usize = 32;
     let mut out = vec![0f32; m * rows];
-    for r in 0..rows {
-        for i in 0..m {
-            out[i * rows + r] = transposed[r * m + i];
+    for r0 in (0..rows).step_by(TILE) {
+        for i0 in (0..m).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for i in i0..(i0 + TILE).min(m) {
+                    out[i * rows + r] = transposed[r * m + i];
+                }
+            }
         }
     }
     out
@@ -333,6 +355,49 @@ mod avx2 {
         horizontal_sum(_mm256_add_ps(acc0, acc1)) + mins0 + mins1
     }
 
+    /// Installed only after `is_x86_feature_detected!` holds for avx2, fma and f16c.
+    pub fn dot_q4_1_x4(w: &[u8], xs: [&[Q8Block]; 4]) -> [f32; 4] {
+        for x in xs {
+            assert_eq!(
+                w.len(),
+                x.len() * 20,
+                "Q4_1 row and activation blocks differ"
+            );
+        }
+        // SAFETY: as for `dot_q4_1`, for each of the four activation rows.
+        unsafe { dot_q4_1_x4_impl(w, xs) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_1_x4_impl(w: &[u8], xs: [&[Q8Block]; 4]) -> [f32; 4] {
+        let low = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        let base = w.as_ptr();
+        for block in 0..xs[0].len() {
+            let b = base.add(20 * block);
+            let d = half(b);
+            let m = half(b.add(2));
+            let raw = _mm_loadu_si128(b.add(4).cast());
+            let lo = _mm_and_si128(raw, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+            let q4 = _mm256_set_m128i(hi, lo);
+            for r in 0..4 {
+                let x = xs[r].get_unchecked(block);
+                let y = _mm256_loadu_si256(x.qs.as_ptr().cast());
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, y), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sums), acc[r]);
+                mins[r] += m * x.s;
+            }
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            out[r] = horizontal_sum(acc[r]) + mins[r];
+        }
+        out
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_0_block(b: *const u8, x: &Q8Block, acc: &mut __m256) {
@@ -386,7 +451,8 @@ mod tests {
     #[test]
     fn kernels_match_dequantized_products() -> Result<()> {
         let device = Device::Cpu;
-        let (rows, cols, m) = (40, 96, 3);
+        // 5 activation rows: four through the 4-row kernel, one through the single one
+        let (rows, cols, m) = (40, 96, 5);
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &device)?;
         let xs = Tensor::randn(0f32, 1.0, (m, cols), &device)?;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0] {

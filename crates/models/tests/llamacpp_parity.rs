@@ -26,10 +26,10 @@ struct Generation {
     step_top: Vec<Vec<(u32, f32)>>,
 }
 
-/// Quantized matmuls differ in rounding between implementations (our logits differ from
-/// llama.cpp's by ~0.2 on average, see below): a step whose top two logits are closer than that
-/// may legitimately flip, and the comparison stops there.
-const TIE: f32 = 0.2;
+/// Quantized matmuls differ in rounding between implementations: our logits differ from
+/// llama.cpp's by 0.15-0.27 on average (see below), so a step where llama.cpp's top two logits
+/// are closer than about twice that may legitimately flip, and the comparison stops there.
+const TIE: f32 = 0.5;
 /// How far our logits of llama.cpp's top tokens may be from llama.cpp's.
 const LOGIT_TOLERANCE: f32 = 1.5;
 /// … and on average (measured: 0.17 on SmolLM2's Q4_1, 0.23 on Gemma 3's Q4_K_M mix; llama.cpp
