@@ -119,8 +119,10 @@ impl Config {
         })
     }
 
-    /// The same from a GGUF's `gemma3.*` metadata (llama.cpp fixes the pattern at 6 and the
-    /// local RoPE base at 10,000).
+    /// The same from a GGUF's `gemma3.*` metadata. llama.cpp fixes the sliding-window pattern
+    /// at 6, the local RoPE base at 10,000 and the attention scale at 1/√head_dim; files that
+    /// say otherwise (`attention.sliding_window_pattern`, `rope.local.freq_base`,
+    /// `attention.scale`, as medcoder's export writes them) are honoured.
     pub fn from_gguf(meta: &GgufMeta) -> Result<Self, String> {
         let heads = meta.usize("attention.head_count")?;
         let hidden = meta.usize("embedding_length")?;
@@ -140,12 +142,18 @@ impl Config {
                 .unwrap_or(1e-6),
             max_position_embeddings: meta.usize("context_length")?,
             rope_theta: meta.opt_f64("rope.freq_base")?.unwrap_or(1_000_000.0),
-            rope_local_base_freq: 10_000.0,
+            rope_local_base_freq: meta.opt_f64("rope.local.freq_base")?.unwrap_or(10_000.0),
             rope_scaling: None,
             hidden_activation: default_act(),
-            query_pre_attn_scalar: head_dim as f64,
+            query_pre_attn_scalar: match meta.opt_f64("attention.scale")? {
+                Some(scale) if scale > 0.0 => scale.powi(-2),
+                _ => head_dim as f64,
+            },
             sliding_window: meta.opt_usize("attention.sliding_window")?.unwrap_or(4096),
-            sliding_window_pattern: Some(6),
+            sliding_window_pattern: Some(
+                meta.opt_usize("attention.sliding_window_pattern")?
+                    .unwrap_or(6),
+            ),
             layer_types: None,
             final_logit_softcapping: meta.opt_f64("final_logit_softcapping")?,
             attn_logit_softcapping: None,
