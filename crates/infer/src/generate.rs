@@ -146,6 +146,12 @@ pub fn generate(
     Ok(sequence.finish(prefill_seconds, decoding.elapsed().as_secs_f64()))
 }
 
+/// An `on_text` for [`generate`] that streams text into a channel (to an HTTP response, a
+/// terminal…); generation stops when the receiving side is dropped.
+pub fn stream_into(sender: std::sync::mpsc::Sender<String>) -> impl FnMut(&str) -> bool {
+    move |text| sender.send(text.to_string()).is_ok()
+}
+
 fn last_logits(model: &LoadedModel, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     Ok(model.lm.next_token_logits(ids, cache)?.to_vec1::<f32>()?)
 }

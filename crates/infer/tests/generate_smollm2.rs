@@ -7,7 +7,8 @@
 use candle_core::Device;
 use medcoder_assets::{MedcoderHome, ModelRef};
 use medcoder_infer::{
-    generate, generate_batch, FinishReason, GenerateRequest, SamplingParams, StopConditions,
+    generate, generate_batch, stream_into, FinishReason, GenerateRequest, SamplingParams,
+    StopConditions,
 };
 use medcoder_models::{load_model, LoadedModel};
 
@@ -124,4 +125,30 @@ fn seeded_sampling_repeats_itself() {
             .token_ids
     };
     assert_eq!(sample(7), sample(7));
+}
+
+#[test]
+fn text_streams_through_a_channel_until_the_receiver_goes() {
+    let Some(model) = smollm2() else { return };
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let generation = generate(
+        &model,
+        request(&model, "The capital of France is", 3),
+        Vec::new(),
+        stream_into(sender),
+    )
+    .unwrap();
+    let streamed: String = receiver.try_iter().collect();
+    assert_eq!(streamed, generation.text);
+
+    let (sender, receiver) = std::sync::mpsc::channel();
+    drop(receiver);
+    let generation = generate(
+        &model,
+        request(&model, "def fibonacci(n):", 30),
+        Vec::new(),
+        stream_into(sender),
+    )
+    .unwrap();
+    assert_eq!(generation.finish_reason, FinishReason::Cancelled);
 }

@@ -383,6 +383,29 @@ mod tests {
     }
 
     #[test]
+    fn sharded_checkpoints_list_each_shard_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = r#"{"metadata": {}, "weight_map": {"a": "model-00002-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}}"#;
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
+        let files = safetensors_files(dir.path()).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .filter_map(|f| f.file_name()?.to_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors"
+            ]
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let error = safetensors_files(empty.path()).unwrap_err();
+        assert!(error.contains("no model.safetensors"), "{error}");
+    }
+
+    #[test]
     fn unpermuting_undoes_llama_cpp_permutation() -> Result<()> {
         let device = Device::Cpu;
         // 2 heads of dim 4, 3 columns; the converter's permute: reshape(h, 2, d/2, c).swap(1, 2)
