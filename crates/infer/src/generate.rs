@@ -81,8 +81,8 @@ impl Sequence {
         })
     }
 
-    /// Sample from the logits, returning the new token and the text it releases; `None` text
-    /// once finished.
+    /// Sample from the logits: the new token, the text it releases for streaming, and whether
+    /// generation ended with it.
     fn step(&mut self, model: &LoadedModel, logits: &mut [f32]) -> Result<(u32, String, bool)> {
         let id = self.sampler.sample(logits, &self.history)?;
         self.history.push(id);

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::{GgufMeta, RopeScalingConfig, TokenIds};
+use super::{defaults, GgufMeta, RopeScalingConfig, TokenIds};
 use crate::layers::Activation;
 use crate::transformer::Spec;
 
@@ -19,13 +19,13 @@ pub struct Config {
     pub num_key_value_heads: usize,
     #[serde(default = "default_head_dim")]
     pub head_dim: usize,
-    #[serde(default = "default_eps")]
+    #[serde(default = "defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_theta")]
+    #[serde(default = "defaults::rope_theta_1m")]
     pub rope_theta: f64,
-    #[serde(default = "default_local_theta")]
+    #[serde(default = "defaults::rope_theta_10k")]
     pub rope_local_base_freq: f64,
     pub rope_scaling: Option<RopeScalingConfig>,
     #[serde(default = "default_act")]
@@ -52,17 +52,8 @@ fn default_head_dim() -> usize {
 fn default_head_dim_f64() -> f64 {
     256.0
 }
-fn default_eps() -> f64 {
-    1e-6
-}
 fn default_max_positions() -> usize {
     32_768
-}
-fn default_theta() -> f64 {
-    1_000_000.0
-}
-fn default_local_theta() -> f64 {
-    10_000.0
 }
 fn default_act() -> String {
     "gelu_pytorch_tanh".into()
@@ -124,24 +115,19 @@ impl Config {
     /// say otherwise (`attention.sliding_window_pattern`, `rope.local.freq_base`,
     /// `attention.scale`, as medcoder's export writes them) are honoured.
     pub fn from_gguf(meta: &GgufMeta) -> Result<Self, String> {
-        let heads = meta.usize("attention.head_count")?;
-        let hidden = meta.usize("embedding_length")?;
-        let head_dim = meta
-            .opt_usize("attention.key_length")?
-            .unwrap_or(hidden / heads);
+        let c = meta.common()?;
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_heads);
         Ok(Self {
-            vocab_size: meta.vocab_size()?,
-            hidden_size: hidden,
-            intermediate_size: meta.usize("feed_forward_length")?,
-            num_hidden_layers: meta.usize("block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: meta.opt_usize("attention.head_count_kv")?.unwrap_or(heads),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_layers,
+            num_attention_heads: c.num_heads,
+            num_key_value_heads: c.num_kv_heads,
             head_dim,
-            rms_norm_eps: meta
-                .opt_f64("attention.layer_norm_rms_epsilon")?
-                .unwrap_or(1e-6),
-            max_position_embeddings: meta.usize("context_length")?,
-            rope_theta: meta.opt_f64("rope.freq_base")?.unwrap_or(1_000_000.0),
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+            max_position_embeddings: c.context_length,
+            rope_theta: c.rope_theta.unwrap_or(1_000_000.0),
             rope_local_base_freq: meta.opt_f64("rope.local.freq_base")?.unwrap_or(10_000.0),
             rope_scaling: None,
             hidden_activation: default_act(),
@@ -157,7 +143,7 @@ impl Config {
             layer_types: None,
             final_logit_softcapping: meta.opt_f64("final_logit_softcapping")?,
             attn_logit_softcapping: None,
-            tie_word_embeddings: !meta.content.tensor_infos.contains_key("output.weight"),
+            tie_word_embeddings: c.tie_word_embeddings,
             bos_token_id: None,
             eos_token_id: None,
         })

@@ -11,6 +11,41 @@ use serde::Deserialize;
 
 use crate::layers::RopeScaling;
 
+/// Defaults shared by the families' configs (serde `default = "…"`).
+pub(crate) mod defaults {
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn rope_theta_10k() -> f64 {
+        10_000.0
+    }
+    pub fn rope_theta_1m() -> f64 {
+        1_000_000.0
+    }
+    pub fn silu() -> String {
+        "silu".into()
+    }
+}
+
+/// What every family's GGUF metadata says the same way (`<arch>.*` keys, tensor presence).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufCommon {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub context_length: usize,
+    pub rope_theta: Option<f64>,
+    /// No `output.weight`: the LM head is the token embedding.
+    pub tie_word_embeddings: bool,
+    /// `blk.0.attn_q.bias` exists.
+    pub qkv_bias: bool,
+}
+
 /// `rope_scaling` in config.json.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct RopeScalingConfig {
@@ -133,6 +168,27 @@ impl<'a> GgufMeta<'a> {
                     .map(|t| t.shape.dims()[0])
             })
             .ok_or_else(|| format!("no {}.vocab_size nor tokenizer.ggml.tokens", self.arch))
+    }
+
+    pub fn common(&self) -> Result<GgufCommon, String> {
+        let num_heads = self.usize("attention.head_count")?;
+        let tensors = &self.content.tensor_infos;
+        Ok(GgufCommon {
+            vocab_size: self.vocab_size()?,
+            hidden_size: self.usize("embedding_length")?,
+            intermediate_size: self.usize("feed_forward_length")?,
+            num_layers: self.usize("block_count")?,
+            num_heads,
+            num_kv_heads: self
+                .opt_usize("attention.head_count_kv")?
+                .unwrap_or(num_heads),
+            head_dim: self.opt_usize("attention.key_length")?,
+            rms_norm_eps: self.opt_f64("attention.layer_norm_rms_epsilon")?,
+            context_length: self.usize("context_length")?,
+            rope_theta: self.opt_f64("rope.freq_base")?,
+            tie_word_embeddings: !tensors.contains_key("output.weight"),
+            qkv_bias: tensors.contains_key("blk.0.attn_q.bias"),
+        })
     }
 
     /// Rope scaling from `<arch>.rope.scaling.*`.

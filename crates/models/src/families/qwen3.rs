@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{GgufMeta, RopeScalingConfig, TokenIds};
+use super::{defaults, GgufMeta, RopeScalingConfig, TokenIds};
 use crate::layers::Activation;
 use crate::transformer::Spec;
 
@@ -16,15 +16,15 @@ pub struct Config {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
+    #[serde(default = "defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
     pub max_position_embeddings: usize,
-    #[serde(default = "default_theta")]
+    #[serde(default = "defaults::rope_theta_1m")]
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScalingConfig>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default = "default_act")]
+    #[serde(default = "defaults::silu")]
     pub hidden_act: String,
     #[serde(default)]
     pub attention_bias: bool,
@@ -32,16 +32,6 @@ pub struct Config {
     pub use_sliding_window: bool,
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
-}
-
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_theta() -> f64 {
-    1_000_000.0
-}
-fn default_act() -> String {
-    "silu".into()
 }
 
 impl Config {
@@ -79,24 +69,22 @@ impl Config {
 
     /// The same from a GGUF's `qwen3.*` metadata.
     pub fn from_gguf(meta: &GgufMeta) -> Result<Self, String> {
-        let heads = meta.usize("attention.head_count")?;
+        let c = meta.common()?;
         Ok(Self {
-            vocab_size: meta.vocab_size()?,
-            hidden_size: meta.usize("embedding_length")?,
-            intermediate_size: meta.usize("feed_forward_length")?,
-            num_hidden_layers: meta.usize("block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: meta.opt_usize("attention.head_count_kv")?.unwrap_or(heads),
-            head_dim: meta.opt_usize("attention.key_length")?,
-            rms_norm_eps: meta
-                .opt_f64("attention.layer_norm_rms_epsilon")?
-                .unwrap_or(1e-6),
-            max_position_embeddings: meta.usize("context_length")?,
-            rope_theta: meta.opt_f64("rope.freq_base")?.unwrap_or(1_000_000.0),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_layers,
+            num_attention_heads: c.num_heads,
+            num_key_value_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+            max_position_embeddings: c.context_length,
+            rope_theta: c.rope_theta.unwrap_or(1_000_000.0),
             rope_scaling: None,
-            tie_word_embeddings: !meta.content.tensor_infos.contains_key("output.weight"),
-            hidden_act: default_act(),
-            attention_bias: meta.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            tie_word_embeddings: c.tie_word_embeddings,
+            hidden_act: defaults::silu(),
+            attention_bias: c.qkv_bias,
             use_sliding_window: false,
             bos_token_id: None,
             eos_token_id: None,
