@@ -8,17 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use medcoder_store::synthetic::{write_synthetic_mimic_iv, SyntheticCounts, SyntheticMimic};
-use support::{icd_home, json, medcoder, spawn_medcoder, Run};
-
-fn assert_ok(run: &Run) {
-    assert_eq!(
-        run.code,
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout,
-        run.stderr
-    );
-}
+use support::{assert_ok, icd_home, json, medcoder, spawn_medcoder, Run};
 
 /// A temp folder with an empty medcoder home and a synthetic release.
 struct Fixture {

@@ -10,17 +10,7 @@ use std::path::{Path, PathBuf};
 use medcoder_assets::{MedcoderHome, ModelRef};
 use medcoder_store::synthetic::{write_synthetic_mimic_iv, SyntheticMimic};
 use medcoder_store::Store;
-use support::{json, medcoder, Run};
-
-fn assert_ok(run: &Run) {
-    assert_eq!(
-        run.code,
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout,
-        run.stderr
-    );
-}
+use support::{assert_ok, json, medcoder, Run};
 
 /// A database holding a synthetic release imported by `prepare mimic`, an empty medcoder home,
 /// and a ChatML tokenizer folder covering the notes.

@@ -4,24 +4,18 @@
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
 
-use candle_core::Device;
-use medcoder_assets::{MedcoderHome, ModelRef};
+#[path = "../../models/tests/support/mod.rs"]
+mod support;
+
 use medcoder_infer::{
     generate, generate_batch, stream_into, FinishReason, GenerateRequest, SamplingParams,
     StopConditions,
 };
-use medcoder_models::{load_model, LoadedModel};
+use medcoder_models::LoadedModel;
+use support::installed_model;
 
 fn smollm2() -> Option<LoadedModel> {
-    let home = MedcoderHome::from_env().ok()?;
-    let reference: ModelRef = "smollm2-135m-instruct".parse().ok()?;
-    match reference.resolve(&home) {
-        Ok(resolved) => Some(load_model(&resolved, &Device::Cpu, None).unwrap()),
-        Err(e) => {
-            eprintln!("skipping: smollm2-135m-instruct is not installed ({e})");
-            None
-        }
-    }
+    installed_model("smollm2-135m-instruct")
 }
 
 fn request(model: &LoadedModel, prompt: &str, max_new_tokens: usize) -> GenerateRequest {

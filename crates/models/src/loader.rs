@@ -145,15 +145,23 @@ pub fn load_model(
     dtype: Option<DType>,
 ) -> Result<LoadedModel, ModelError> {
     let dtype = dtype.unwrap_or_else(|| default_dtype(device));
-    let tokenizer = ModelTokenizer::load(model)?;
-    let (lm, family, mut stop_token_ids, source, quantized) = match &model.file {
+    let (lm, family, mut stop_token_ids, source, quantized, tokenizer) = match &model.file {
         Some(file) if file.extension().is_some_and(|e| e == "gguf") => {
-            let (lm, family, stops) = load_gguf(file, device, dtype)?;
-            (lm, family, stops, file.clone(), true)
+            // The GGUF's metadata is read once, for the model and (unless a tokenizer.json
+            // lies beside it) the tokenizer.
+            let content = read_gguf(file)?;
+            let tokenizer = if model.dir.join("tokenizer.json").is_file() {
+                ModelTokenizer::from_dir(&model.dir)?
+            } else {
+                ModelTokenizer::from_gguf_metadata(&content.metadata, file)?
+            };
+            let (lm, family, stops) = gguf_model(file, content, device, dtype)?;
+            (lm, family, stops, file.clone(), true, tokenizer)
         }
         _ => {
+            let tokenizer = ModelTokenizer::load(model)?;
             let (lm, family, stops) = load_hf_dir(&model.dir, device, dtype)?;
-            (lm, family, stops, model.dir.clone(), false)
+            (lm, family, stops, model.dir.clone(), false, tokenizer)
         }
     };
     for token in tokenizer.eos_token.iter() {
@@ -260,9 +268,28 @@ fn generation_config_eos(dir: &Path) -> Result<Vec<u32>, ModelError> {
     })
 }
 
+/// A GGUF file's metadata and tensor index, with the file named in errors.
+pub fn read_gguf(path: &Path) -> Result<gguf_file::Content, ModelError> {
+    let mut reader = std::io::BufReader::new(fs_err::File::open(path)?);
+    gguf_file::Content::read(&mut reader).map_err(|e| ModelError::File {
+        path: path.to_path_buf(),
+        message: format!("not a readable GGUF file: {e}"),
+    })
+}
+
 /// A GGUF file: metadata → config, tensors kept quantized.
 pub fn load_gguf(
     path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(CausalLm, Family, Vec<u32>), ModelError> {
+    gguf_model(path, read_gguf(path)?, device, dtype)
+}
+
+/// The model of a GGUF file whose metadata was read into `content`.
+fn gguf_model(
+    path: &Path,
+    content: gguf_file::Content,
     device: &Device,
     dtype: DType,
 ) -> Result<(CausalLm, Family, Vec<u32>), ModelError> {
@@ -270,9 +297,6 @@ pub fn load_gguf(
         path: path.to_path_buf(),
         message,
     };
-    let mut reader = std::io::BufReader::new(fs_err::File::open(path)?);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| file_error(format!("not a readable GGUF file: {e}")))?;
     let meta = GgufMeta::new(&content).map_err(file_error)?;
     let family = Family::from_name(&meta.arch).ok_or_else(|| {
         file_error(format!(

@@ -114,12 +114,7 @@ impl ModelTokenizer {
 
     /// The tokenizer in a GGUF file's metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
     pub fn from_gguf(path: &Path) -> Result<Self, ModelError> {
-        let mut reader = std::io::BufReader::new(fs_err::File::open(path)?);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| ModelError::File {
-            path: path.to_path_buf(),
-            message: format!("not a readable GGUF file: {e}"),
-        })?;
-        Self::from_gguf_metadata(&content.metadata, path)
+        Self::from_gguf_metadata(&crate::loader::read_gguf(path)?.metadata, path)
     }
 
     /// The tokenizer in the metadata of a GGUF file already read (`path` is for messages).

@@ -9,30 +9,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod support;
+
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use medcoder_models::loader::load_gguf;
 use medcoder_models::weights::{gguf_name, GgufLayout};
-use serde::Deserialize;
 use serde_json::Value as Json;
-
-#[derive(Deserialize)]
-struct Reference {
-    inputs: Vec<Input>,
-}
-
-#[derive(Deserialize)]
-struct Input {
-    input_ids: Vec<u32>,
-    last_logits: Vec<f32>,
-}
-
-fn fixture(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny")
-        .join(family)
-}
+use support::{max_abs_diff, tiny_fixture, tiny_reference};
 
 /// llama.cpp's converter permutes llama's q/k rows for its interleaved RoPE.
 fn permute(w: &Tensor, heads: usize) -> Tensor {
@@ -48,7 +33,7 @@ fn permute(w: &Tensor, heads: usize) -> Tensor {
 /// Write the fixture of `family` as a GGUF file of `dtype` weights; returns its path.
 fn write_gguf(family: &str, dtype: GgmlDType, dir: &Path) -> PathBuf {
     let config: Json = serde_json::from_str(
-        &std::fs::read_to_string(fixture(family).join("config.json")).unwrap(),
+        &std::fs::read_to_string(tiny_fixture(family).join("config.json")).unwrap(),
     )
     .unwrap();
     let n = |key: &str| config[key].as_u64().unwrap() as u32;
@@ -122,9 +107,11 @@ fn write_gguf(family: &str, dtype: GgmlDType, dir: &Path) -> PathBuf {
     };
     let heads = n("num_attention_heads") as usize;
     let kv_heads = n("num_key_value_heads") as usize;
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture(family).join("model.safetensors"), &Device::Cpu)
-            .unwrap();
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(
+        tiny_fixture(family).join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut written: Vec<(String, QTensor)> = Vec::new();
     for (hf, tensor) in &tensors {
         let name = gguf_name(hf, &layout).unwrap_or_else(|| panic!("no GGUF name for {hf}"));
@@ -156,9 +143,7 @@ fn check(family: &str, dtype: GgmlDType, tolerance: impl Fn(f32) -> f32) {
     let (lm, loaded, _) =
         load_gguf(&path, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(loaded.as_str(), family);
-    let text = std::fs::read_to_string(fixture(family).join("reference.json")).unwrap();
-    let reference: Reference = serde_json::from_str(&text).unwrap();
-    for input in &reference.inputs {
+    for input in &tiny_reference(family).inputs {
         let mut cache = lm.new_cache();
         let ours: Vec<f32> = lm
             .next_token_logits(&input.input_ids, &mut cache)
@@ -166,11 +151,7 @@ fn check(family: &str, dtype: GgmlDType, tolerance: impl Fn(f32) -> f32) {
             .to_vec1()
             .unwrap();
         let scale = input.last_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let diff = ours
-            .iter()
-            .zip(&input.last_logits)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_abs_diff(&ours, &input.last_logits);
         assert!(
             diff < tolerance(scale),
             "{family} {dtype:?}: logits differ by {diff} (scale {scale})"

@@ -7,10 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-use medcoder_assets::{MedcoderHome, ModelRef};
-use medcoder_models::{load_model, LoadedModel};
 use serde::Deserialize;
+
+mod support;
+use support::installed_model;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -36,20 +36,6 @@ const LOGIT_TOLERANCE: f32 = 1.5;
 /// keeps its KV cache in f16 and orders its sums differently).
 const MEAN_LOGIT_TOLERANCE: f32 = 0.35;
 
-fn model(alias: &str) -> Option<LoadedModel> {
-    let home = MedcoderHome::from_env().ok()?;
-    let reference: ModelRef = alias.parse().ok()?;
-    match reference.resolve(&home) {
-        Ok(resolved) => Some(load_model(&resolved, &Device::Cpu, None).unwrap()),
-        Err(e) => {
-            eprintln!(
-                "skipping: {alias} is not installed ({e}); run `medcoder assets fetch {alias}`"
-            );
-            None
-        }
-    }
-}
-
 fn fixture(name: &str) -> Fixture {
     let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/llamacpp")
@@ -58,7 +44,9 @@ fn fixture(name: &str) -> Fixture {
 }
 
 fn check_greedy_parity(alias: &str) {
-    let Some(model) = model(alias) else { return };
+    let Some(model) = installed_model(alias) else {
+        return;
+    };
     let mut diffs = Vec::new();
     for case in fixture(alias).generation {
         let mut cache = model.lm.new_cache();
@@ -115,7 +103,9 @@ fn gemma3_gguf_matches_llama_cpp_greedily() {
 #[test]
 fn prompts_are_tokenized_as_llama_cpp_does() {
     for alias in ["smollm2-135m-instruct", "gemma3-270m"] {
-        let Some(model) = model(alias) else { continue };
+        let Some(model) = installed_model(alias) else {
+            continue;
+        };
         for case in fixture(alias).generation {
             let ids = model.tokenizer.tokenize(&case.prompt, true, true).unwrap();
             assert_eq!(ids, case.prompt_ids, "{alias} `{}`", case.prompt);

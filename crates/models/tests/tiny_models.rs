@@ -4,54 +4,25 @@
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failure is a test failure
 
-use std::path::{Path, PathBuf};
+mod support;
 
 use candle_core::{DType, Device, Tensor};
 use medcoder_models::layers::Mode;
 use medcoder_models::loader::load_hf_dir;
 use medcoder_models::{CausalLm, ForwardOptions};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Reference {
-    inputs: Vec<Input>,
-}
-
-#[derive(Deserialize)]
-struct Input {
-    input_ids: Vec<u32>,
-    /// Logits of the last position, whole vocabulary.
-    last_logits: Vec<f32>,
-    /// Logits of the first 8 vocabulary entries at every position.
-    first8_logits: Vec<Vec<f32>>,
-}
+use support::{max_abs_diff, tiny_fixture, tiny_reference, Reference};
 
 const TOLERANCE: f32 = 2e-4;
 
-fn fixture(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny")
-        .join(family)
-}
-
 fn load(family: &str) -> (CausalLm, Reference) {
-    let dir = fixture(family);
+    let dir = tiny_fixture(family);
     let (lm, loaded_family, _) =
         load_hf_dir(&dir, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{family}: {e}"));
     assert!(
         family.starts_with(loaded_family.as_str()),
         "{family} loaded as {loaded_family:?}"
     );
-    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    (lm, serde_json::from_str(&text).unwrap())
-}
-
-fn max_diff(ours: &[f32], theirs: &[f32]) -> f32 {
-    assert_eq!(ours.len(), theirs.len());
-    ours.iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    (lm, tiny_reference(family))
 }
 
 /// (seq, vocab) logits of a whole sequence, without a cache.
@@ -78,13 +49,13 @@ fn check_family(family: &str) {
         for mode in [Mode::Inference, Mode::Differentiable] {
             let logits = all_logits(&lm, &input.input_ids, mode);
             let last = logits.last().unwrap();
-            let diff = max_diff(last, &input.last_logits);
+            let diff = max_abs_diff(last, &input.last_logits);
             assert!(
                 diff < TOLERANCE,
                 "{family} {mode:?}: last logits differ by {diff}"
             );
             for (position, expected) in input.first8_logits.iter().enumerate() {
-                let diff = max_diff(&logits[position][..8], expected);
+                let diff = max_abs_diff(&logits[position][..8], expected);
                 assert!(
                     diff < TOLERANCE,
                     "{family} {mode:?}: position {position} differs by {diff}"
@@ -100,7 +71,7 @@ fn check_family(family: &str) {
         for id in &input.input_ids[split..] {
             last = lm.next_token_logits(&[*id], &mut cache).unwrap();
         }
-        let diff = max_diff(&last.to_vec1::<f32>().unwrap(), &input.last_logits);
+        let diff = max_abs_diff(&last.to_vec1::<f32>().unwrap(), &input.last_logits);
         assert!(
             diff < TOLERANCE,
             "{family} with a KV cache: last logits differ by {diff}"
@@ -157,6 +128,6 @@ fn a_left_padded_batch_gives_each_row_its_own_logits() {
         .unwrap()
         .to_vec2()
         .unwrap();
-    assert!(max_diff(&logits[0], &reference.inputs[1].last_logits) < TOLERANCE);
-    assert!(max_diff(&logits[1], &reference.inputs[0].last_logits) < TOLERANCE);
+    assert!(max_abs_diff(&logits[0], &reference.inputs[1].last_logits) < TOLERANCE);
+    assert!(max_abs_diff(&logits[1], &reference.inputs[0].last_logits) < TOLERANCE);
 }

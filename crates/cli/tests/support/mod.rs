@@ -91,6 +91,17 @@ pub fn icd(home: &MedcoderHome, args: &[&str]) -> Run {
 }
 
 /// Parse stdout as JSON, saying what the binary printed when it is not.
+/// The run exited 0; otherwise fail showing its output.
+pub fn assert_ok(run: &Run) {
+    assert_eq!(
+        run.code,
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+}
+
 pub fn json(run: &Run) -> serde_json::Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|error| {
         panic!(
