@@ -420,7 +420,9 @@ impl CausalLm {
         options: &ForwardOptions,
     ) -> Result<Tensor> {
         let (b, seq) = ids.dims2()?;
-        let mut scratch = self.new_cache();
+        // Without a cache (training) the layers still need somewhere to put their keys and
+        // values for this pass; it is made only then, not on every decoding step.
+        let mut scratch;
         let use_cache = cache.is_some();
         let cache = match cache {
             Some(cache) => {
@@ -429,7 +431,10 @@ impl CausalLm {
                 }
                 cache
             }
-            None => &mut scratch,
+            None => {
+                scratch = self.new_cache();
+                &mut scratch
+            }
         };
         let past = cache.len();
         if past + seq > self.rotary.max_positions() {
