@@ -53,6 +53,11 @@ enum Command {
     Db(commands::prepare::DbCommand),
     /// Continue a prompt, or answer a chat message, with a local model (HF folder or GGUF).
     Generate(commands::generate::GenerateArgs),
+    /// Fine-tune a model on a prepared dataset: LoRA, QLoRA or full; checkpoints, resume,
+    /// PEFT-format adapters.
+    Train(commands::train::TrainArgs),
+    /// Fold a LoRA adapter into its base model and write a full HF-layout model (16-bit).
+    Merge(commands::merge::MergeArgs),
     /// Benchmarks, each side by side with its floor or anchor in the same run.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -74,6 +79,8 @@ fn main() -> ExitCode {
         Command::Prepare(cmd) => commands::prepare::run(cmd, &home),
         Command::Db(cmd) => commands::prepare::run_db(cmd),
         Command::Generate(args) => commands::generate::run(args, &home),
+        Command::Train(args) => commands::train::run(args, &home),
+        Command::Merge(args) => commands::merge::run(args, &home),
         Command::Bench(cmd) => commands::bench::run(cmd, &home),
     };
     match result {

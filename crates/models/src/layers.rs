@@ -10,6 +10,8 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+use crate::frozen::{apply_flattened, FrozenDenseMatMul, FrozenQuantizedMatMul};
+use crate::lora::LoraLinear;
 use crate::qmatmul_cpu::CpuQMatMul;
 
 /// Which kernels a forward pass uses.
@@ -38,6 +40,8 @@ pub enum Linear {
         cpu_kernel: Option<Arc<CpuQMatMul>>,
         bias: Option<Tensor>,
     },
+    /// A frozen layer with a trainable low-rank update.
+    Lora(Arc<LoraLinear>),
 }
 
 impl Linear {
@@ -61,7 +65,28 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             Self::Dense { bias, .. } | Self::Quantized { bias, .. } => bias.as_ref(),
+            Self::Lora(lora) => lora.base.bias(),
         }
+    }
+
+    /// (out, in)
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense { weight, .. } => weight.dims2(),
+            Self::Quantized { source, .. } => source.shape().dims2(),
+            Self::Lora(lora) => lora.base.shape(),
+        }
+    }
+
+    /// The same layer with its weight dequantized to `dtype` (dense layers unchanged).
+    pub fn dequantized(&self, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(match self {
+            Self::Quantized { source, bias, .. } => Self::Dense {
+                weight: source.dequantize(device)?.to_dtype(dtype)?,
+                bias: bias.clone(),
+            },
+            other => other.clone(),
+        })
     }
 
     /// One layer computing several quantized layers of the same input at once (their rows
@@ -103,11 +128,12 @@ impl Linear {
         Ok(Some(Self::quantized(fused, None)?))
     }
 
-    /// The weight as a dense tensor (dequantized if need be): (out, in).
+    /// The weight as a dense tensor (dequantized, LoRA update merged, if need be): (out, in).
     pub fn dense_weight(&self, device: &Device) -> Result<Tensor> {
         match self {
             Self::Dense { weight, .. } => Ok(weight.clone()),
             Self::Quantized { source, .. } => source.dequantize(device),
+            Self::Lora(lora) => lora.merged_weight(device),
         }
     }
 }
@@ -115,6 +141,23 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = match self {
+            Self::Lora(lora) => return lora.forward(xs),
+            // Training through a frozen layer: the gradient goes to the input only.
+            Self::Dense { weight, .. } if xs.track_op() && !weight.track_op() => apply_flattened(
+                xs,
+                FrozenDenseMatMul {
+                    weight: weight.clone(),
+                },
+            )?,
+            Self::Quantized {
+                source, cpu_kernel, ..
+            } if xs.track_op() => apply_flattened(
+                xs,
+                FrozenQuantizedMatMul {
+                    source: source.clone(),
+                    cpu_kernel: cpu_kernel.clone(),
+                },
+            )?,
             // (.., in) x (in, out): the transposed weight is a strided view, which gemm reads
             // without a copy.
             Self::Dense { weight, .. } => xs.broadcast_matmul(&weight.t()?)?,
@@ -148,13 +191,20 @@ impl RmsNorm {
         &self.weight
     }
 
+    pub fn weight_mut(&mut self) -> &mut Tensor {
+        &mut self.weight
+    }
+
     pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Inference => candle_nn::ops::rms_norm(xs, &self.weight, self.eps as f32),
             Mode::Differentiable => {
-                // Computed in f32 whatever the activations' dtype, like HF.
+                // Half-precision activations are normed in f32, like HF.
                 let dtype = xs.dtype();
-                let xs = xs.to_dtype(DType::F32)?;
+                let xs = match dtype {
+                    DType::F16 | DType::BF16 => xs.to_dtype(DType::F32)?,
+                    _ => xs.clone(),
+                };
                 let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?;
                 let normed = xs.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
                 normed

@@ -4,10 +4,15 @@
 mod chat_template;
 mod error;
 pub mod families;
+mod frozen;
 pub mod gguf_tokenizer;
+pub mod hf_config;
+pub mod hf_tokenizer_export;
 pub mod layers;
 pub mod loader;
+pub mod lora;
 pub mod qmatmul_cpu;
+pub mod recompute;
 mod tokenizer;
 pub mod transformer;
 pub mod weights;

@@ -40,6 +40,9 @@ pub struct Spec {
     /// RoPE base of the local (sliding-window) layers, where it differs (Gemma 3).
     pub rope_local_theta: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
+    /// What HF checkpoints leave out of RMSNorm weights (Gemma scales by `1 + w`): the model
+    /// holds `offset + w`; writers of HF checkpoints subtract it.
+    pub hf_norm_offset: f64,
 }
 
 /// Keys and values of the tokens seen so far, one entry per layer.
@@ -222,7 +225,7 @@ impl Attention {
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     /// Gemma 3: applied to the attention output.
@@ -269,7 +272,7 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
+    pub(crate) fn forward(
         &self,
         xs: &Tensor,
         step: &Step,
@@ -298,7 +301,7 @@ impl DecoderLayer {
 }
 
 /// What every layer of one forward pass shares.
-struct Step<'a> {
+pub(crate) struct Step<'a> {
     positions: Positions,
     rotary: &'a Rotary,
     local_rotary: Option<&'a Rotary>,
@@ -312,9 +315,9 @@ struct Step<'a> {
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     spec: Spec,
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    pub(crate) embed_tokens: Embedding,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: RmsNorm,
     lm_head: Linear,
     rotary: Rotary,
     local_rotary: Option<Rotary>,
@@ -330,6 +333,8 @@ pub struct ForwardOptions<'a> {
     pub left_padding: Option<&'a [usize]>,
     /// Logits of the last position only (generation) rather than all positions (training).
     pub last_only: bool,
+    /// Stop at the final norm: hidden states instead of logits.
+    pub hidden_only: bool,
 }
 
 impl CausalLm {
@@ -444,6 +449,30 @@ impl CausalLm {
                 self.rotary.max_positions()
             );
         }
+        let step = self.step(b, seq, past, options, use_cache)?;
+        let mut xs = self.embed(ids)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, &step, layer_cache)?;
+        }
+        if options.last_only {
+            xs = xs.narrow(1, seq - 1, 1)?.contiguous()?;
+        }
+        let xs = self.norm.forward(&xs, options.mode)?;
+        if options.hidden_only {
+            return Ok(xs);
+        }
+        self.logits_from_hidden(&xs)
+    }
+
+    /// What every layer of a pass over `seq` tokens after `past` shares: positions and masks.
+    pub(crate) fn step(
+        &self,
+        b: usize,
+        seq: usize,
+        past: usize,
+        options: &ForwardOptions,
+        use_cache: bool,
+    ) -> Result<Step<'_>> {
         let positions = match options.left_padding {
             Some(padding) if padding.iter().any(|&p| p > 0) => {
                 let rows: Vec<u32> = padding
@@ -479,7 +508,7 @@ impl CausalLm {
             )?,
             None => None,
         };
-        let step = Step {
+        Ok(Step {
             positions,
             rotary: &self.rotary,
             local_rotary: self.local_rotary.as_ref(),
@@ -487,26 +516,198 @@ impl CausalLm {
             local_mask,
             mode: options.mode,
             use_cache,
+        })
+    }
+
+    /// ids (b, seq) → embeddings (b, seq, hidden), scaled where the family scales them.
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let xs = self.embed_tokens.forward(ids, self.dtype)?;
+        if !self.spec.scale_embeddings {
+            return Ok(xs);
+        }
+        // Gemma rounds √hidden to the activations' dtype before multiplying.
+        let scale = Tensor::new((self.spec.hidden_size as f32).sqrt(), &self.device)?
+            .to_dtype(self.dtype)?;
+        xs.broadcast_mul(&scale)
+    }
+
+    /// The final (normed) hidden states of a pass without cache: ids (b, seq) → (b, seq,
+    /// hidden). Training picks the positions it scores and runs [`Self::logits_from_hidden`]
+    /// on those only, instead of materialising (b, seq, vocab) logits.
+    pub fn hidden_states(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        let options = ForwardOptions {
+            mode,
+            hidden_only: true,
+            ..ForwardOptions::default()
         };
-        let mut xs = self.embed_tokens.forward(ids, self.dtype)?;
-        if self.spec.scale_embeddings {
-            // Gemma rounds √hidden to the activations' dtype before multiplying.
-            let scale = Tensor::new((self.spec.hidden_size as f32).sqrt(), &self.device)?
-                .to_dtype(self.dtype)?;
-            xs = xs.broadcast_mul(&scale)?;
-        }
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            xs = layer.forward(&xs, &step, layer_cache)?;
-        }
-        if options.last_only {
-            xs = xs.narrow(1, seq - 1, 1)?.contiguous()?;
-        }
-        let xs = self.norm.forward(&xs, options.mode)?;
-        let logits = self.lm_head.forward(&xs)?;
+        self.forward(ids, None, &options)
+    }
+
+    /// hidden (.., hidden) → logits (.., vocab)
+    pub fn logits_from_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden)?;
         match self.spec.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
         }
+    }
+
+    /// Visit every linear layer by its HF module name (`model.layers.0.self_attn.q_proj`, …,
+    /// `lm_head`), in a fixed order; `f` returns whether it replaced the layer, in which case
+    /// the fused inference copies of that block (stacked q/k/v, gate/up) are dropped so that
+    /// inference runs the replaced layers.
+    pub fn visit_linears_mut(
+        &mut self,
+        mut f: impl FnMut(&str, &mut Linear) -> Result<bool>,
+    ) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            let attn = &mut layer.self_attn;
+            let mut changed = false;
+            for (name, linear) in [
+                ("q_proj", &mut attn.q_proj),
+                ("k_proj", &mut attn.k_proj),
+                ("v_proj", &mut attn.v_proj),
+                ("o_proj", &mut attn.o_proj),
+            ] {
+                changed |= f(&format!("{prefix}.self_attn.{name}"), linear)?;
+            }
+            if changed {
+                attn.qkv = None;
+            }
+            let mlp = &mut layer.mlp;
+            let mut changed = false;
+            for (name, linear) in [
+                ("gate_proj", &mut mlp.gate_proj),
+                ("up_proj", &mut mlp.up_proj),
+                ("down_proj", &mut mlp.down_proj),
+            ] {
+                changed |= f(&format!("{prefix}.mlp.{name}"), linear)?;
+            }
+            if changed {
+                layer.gate_up = None;
+            }
+        }
+        f("lm_head", &mut self.lm_head)?;
+        Ok(())
+    }
+
+    /// Every dense parameter by HF tensor name (`….weight`, `….bias`), for full fine-tuning:
+    /// `f` may replace a tensor by a trainable one of the same shape. A tied LM head is
+    /// visited under the embedding's name, so that one variable serves both. Fails on
+    /// quantized weights (dequantize first).
+    pub fn visit_parameters_mut(
+        &mut self,
+        mut f: impl FnMut(&str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
+        match &mut self.embed_tokens {
+            Embedding::Dense(table) => f("model.embed_tokens.weight", table)?,
+            Embedding::Quantized(_) => {
+                candle_core::bail!(
+                    "full fine-tuning needs dense weights: the embeddings are quantized"
+                )
+            }
+        }
+        let tied = self.spec.tie_word_embeddings;
+        let visit_linear = |name: &str,
+                            linear: &mut Linear,
+                            f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>|
+         -> Result<()> {
+            match linear {
+                Linear::Dense { weight, bias } => {
+                    f(&format!("{name}.weight"), weight)?;
+                    if let Some(bias) = bias {
+                        f(&format!("{name}.bias"), bias)?;
+                    }
+                    Ok(())
+                }
+                _ => candle_core::bail!(
+                    "full fine-tuning needs dense weights: {name} is quantized or adapted"
+                ),
+            }
+        };
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            let attn = &mut layer.self_attn;
+            for (name, linear) in [
+                ("q_proj", &mut attn.q_proj),
+                ("k_proj", &mut attn.k_proj),
+                ("v_proj", &mut attn.v_proj),
+                ("o_proj", &mut attn.o_proj),
+            ] {
+                visit_linear(&format!("{prefix}.self_attn.{name}"), linear, &mut f)?;
+            }
+            attn.qkv = None;
+            for (name, norm) in [("q_norm", &mut attn.q_norm), ("k_norm", &mut attn.k_norm)] {
+                if let Some(norm) = norm {
+                    f(
+                        &format!("{prefix}.self_attn.{name}.weight"),
+                        norm.weight_mut(),
+                    )?;
+                }
+            }
+            let mlp = &mut layer.mlp;
+            for (name, linear) in [
+                ("gate_proj", &mut mlp.gate_proj),
+                ("up_proj", &mut mlp.up_proj),
+                ("down_proj", &mut mlp.down_proj),
+            ] {
+                visit_linear(&format!("{prefix}.mlp.{name}"), linear, &mut f)?;
+            }
+            layer.gate_up = None;
+            f(
+                &format!("{prefix}.input_layernorm.weight"),
+                layer.input_layernorm.weight_mut(),
+            )?;
+            let (pre_mlp, post_attn, post_ff) = if self.spec.sandwich_norms {
+                (
+                    "pre_feedforward_layernorm",
+                    "post_attention_layernorm",
+                    "post_feedforward_layernorm",
+                )
+            } else {
+                ("post_attention_layernorm", "", "")
+            };
+            f(
+                &format!("{prefix}.{pre_mlp}.weight"),
+                layer.pre_mlp_norm.weight_mut(),
+            )?;
+            if let Some(norm) = &mut layer.post_attention_norm {
+                f(&format!("{prefix}.{post_attn}.weight"), norm.weight_mut())?;
+            }
+            if let Some(norm) = &mut layer.post_feedforward_norm {
+                f(&format!("{prefix}.{post_ff}.weight"), norm.weight_mut())?;
+            }
+        }
+        f("model.norm.weight", self.norm.weight_mut())?;
+        if tied {
+            match &mut self.lm_head {
+                Linear::Dense { weight, .. } => f("model.embed_tokens.weight", weight)?,
+                _ => {
+                    candle_core::bail!("full fine-tuning needs dense weights: lm_head is quantized")
+                }
+            }
+        } else {
+            visit_linear("lm_head", &mut self.lm_head, &mut f)?;
+        }
+        Ok(())
+    }
+
+    /// Dequantize every quantized weight to the model's dtype (QLoRA keeps them quantized;
+    /// LoRA on a GGUF file and full fine-tuning need them dense).
+    pub fn dequantize(&mut self) -> Result<()> {
+        let (dtype, device) = (self.dtype, self.device.clone());
+        // Quantized GGUF models run f32 activations on CPU; dense weights follow them.
+        if let Embedding::Quantized(table) = &self.embed_tokens {
+            self.embed_tokens = Embedding::Dense(table.dequantize(&device)?.to_dtype(dtype)?);
+        }
+        self.visit_linears_mut(|_, linear| {
+            if matches!(linear, Linear::Quantized { .. }) {
+                *linear = linear.dequantized(dtype, &device)?;
+                return Ok(true);
+            }
+            Ok(false)
+        })
     }
 
     /// Logits of the last position of a single sequence: ids (seq) → (vocab), f32.

@@ -70,6 +70,20 @@ impl Weights {
         })
     }
 
+    /// Tensors already in memory, by HF name (random-weight models of benchmarks and tests).
+    pub fn from_tensors(
+        tensors: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            source: Source::Safetensors(VarBuilder::from_tensors(tensors, dtype, device)),
+            dtype,
+            device: device.clone(),
+            norm_offset: 0.0,
+        }
+    }
+
     /// A GGUF file whose metadata was read into `content`.
     pub fn from_gguf(
         path: &Path,

@@ -43,6 +43,23 @@ pub enum BenchCommand {
         #[arg(long)]
         new_tokens: usize,
     },
+    /// LoRA SFT tokens/s and peak RSS of our trainer against PyTorch + PEFT on the same
+    /// SmolLM2-135M-shaped model, threads, sequence and batch, in f32 and bf16, in one run.
+    Train(super::bench_train::TrainBenchArgs),
+    /// One measured training run (used by `bench train`).
+    #[command(hide = true)]
+    TrainRun {
+        #[arg(long)]
+        seq: usize,
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        steps: usize,
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        gradient_checkpointing: bool,
+    },
     /// The floor alone: DuckDB's plain read_csv of every CSV under --src (used by `bench prepare`).
     #[command(hide = true)]
     ReadCsvFloor {
@@ -72,6 +89,14 @@ struct PrepareBench {
 pub fn run(command: BenchCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Generate(args) => super::bench_generate::run(args, home),
+        BenchCommand::Train(args) => super::bench_train::run(args),
+        BenchCommand::TrainRun {
+            seq,
+            batch,
+            steps,
+            rank,
+            gradient_checkpointing,
+        } => super::bench_train::run_measurement(seq, batch, steps, rank, gradient_checkpointing),
         BenchCommand::GenerateRun {
             model,
             prompt_tokens,

@@ -16,6 +16,10 @@ pub struct GenerateArgs {
     /// HF repo id in the local hub cache.
     #[arg(long)]
     model: String,
+    /// A LoRA adapter folder in PEFT's format (adapter_config.json +
+    /// adapter_model.safetensors), e.g. a `medcoder train` run folder.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// The prompt text (or use --prompt-file).
     #[arg(
         long,
@@ -73,7 +77,11 @@ pub fn run(args: GenerateArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> 
     let resolved = model_ref.resolve(home)?;
     let device = args.device.device()?;
     let loading = Instant::now();
-    let model = medcoder_models::load_model(&resolved, &device, None)?;
+    let mut model = medcoder_models::load_model(&resolved, &device, None)?;
+    if let Some(dir) = &args.adapter {
+        let applied = medcoder_models::lora::apply_peft_adapter(&mut model.lm, dir)?;
+        tracing::info!(adapter = %dir.display(), modules = applied.modules, rank = applied.rank, "adapter applied");
+    }
     tracing::info!(
         family = model.family.as_str(),
         source = %model.source.display(),

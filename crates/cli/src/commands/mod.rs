@@ -10,9 +10,12 @@ macro_rules! outln {
 pub mod assets;
 pub mod bench;
 pub mod bench_generate;
+pub mod bench_train;
 pub mod generate;
 pub mod icd;
+pub mod merge;
 pub mod prepare;
+pub mod train;
 
 /// Print a value as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

@@ -107,6 +107,7 @@ impl Config {
                 .collect(),
             rope_local_theta: Some(self.rope_local_base_freq),
             final_logit_softcapping: self.final_logit_softcapping,
+            hf_norm_offset: 1.0,
         })
     }
 

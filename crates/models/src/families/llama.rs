@@ -64,6 +64,7 @@ impl Config {
             sliding_windows: vec![None; self.num_hidden_layers],
             rope_local_theta: None,
             final_logit_softcapping: None,
+            hf_norm_offset: 0.0,
         })
     }
 

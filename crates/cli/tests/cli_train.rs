@@ -1,0 +1,329 @@
+//! End-to-end tests of `medcoder train`: a synthetic MIMIC-IV release prepared and tokenized by
+//! the binary for a tiny random llama written by the test; LoRA training with evaluation,
+//! checkpoints and a PEFT adapter; a run killed with SIGKILL at a random step resumes to the
+//! same loss curve as an uninterrupted one.
+
+mod support;
+#[path = "../../train/tests/support/tiny_model.rs"]
+mod tiny_model;
+#[path = "../../train/tests/support/tokenizer.rs"]
+mod tokenizer_fixture;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use medcoder_assets::MedcoderHome;
+use medcoder_models::ModelTokenizer;
+use medcoder_store::synthetic::{write_synthetic_mimic_iv, SyntheticMimic};
+use medcoder_store::Store;
+use serde_json::Value;
+use support::{assert_ok, medcoder, Run};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        std::fs::create_dir(dir.path().join("home")).expect("an empty home");
+        let src = dir.path().join("release");
+        let spec = SyntheticMimic {
+            patients: 24,
+            note_chars: 300,
+            diagnoses_per_admission: 2,
+            procedures_per_admission: 0,
+            ..SyntheticMimic::small()
+        };
+        write_synthetic_mimic_iv(&src, &spec).expect("a synthetic release");
+        let fx = Self { dir };
+        let src = src.display().to_string();
+        assert_ok(&fx.run(&["prepare", "mimic", "--src", &src, "--db", &fx.db()]));
+        let store = Store::open(Path::new(&fx.db())).expect("open the database");
+        let mut corpus = vec!["Predict the medical codes for the following text: ".to_string()];
+        for id in store.document_ids("mimic-iv", None).expect("document ids") {
+            let doc = store
+                .document("mimic-iv", &id)
+                .expect("a document")
+                .expect("listed");
+            corpus.extend(doc.text);
+            corpus.push(doc.diagnoses.join(", "));
+        }
+        drop(store);
+        tokenizer_fixture::write_chatml_tokenizer(&fx.model_dir(), &corpus);
+        let vocab = ModelTokenizer::from_dir(&fx.model_dir())
+            .expect("the fixture tokenizer")
+            .vocab_size();
+        tiny_model::write_tiny_llama(&fx.model_dir(), vocab, 11);
+        let (db, model) = (fx.db(), fx.model_dir().display().to_string());
+        assert_ok(&fx.run(&[
+            "prepare",
+            "tokens",
+            "--db",
+            &db,
+            "--dataset",
+            "mimic-iv",
+            "--model",
+            &model,
+            "--max-len",
+            "160",
+            "--truncation",
+            "head",
+        ]));
+        fx
+    }
+
+    fn db(&self) -> String {
+        self.dir.path().join("db.duckdb").display().to_string()
+    }
+
+    fn model_dir(&self) -> PathBuf {
+        self.dir.path().join("model")
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        medcoder(&self.dir.path().join("home"), args, None)
+    }
+
+    /// A config file for a run into `name/`, with `extra` YAML lines.
+    fn config(&self, name: &str, extra: &str) -> (PathBuf, PathBuf) {
+        let run_dir = self.dir.path().join(name);
+        let text = format!(
+            "model: {}\ndb: {}\ndataset: mimic-iv\noutput_dir: {}\nmethod: lora\n\
+             lora: {{r: 4, alpha: 8, dropout: 0.1, target_modules: [all-linear]}}\n\
+             device: cpu\nmax_len: 160\noverlong: drop\nbatch_size: 2\nmax_steps: 14\n\
+             optimizer: {{learning_rate: 5.0e-3, schedule: cosine, warmup_steps: 2}}\n\
+             eval_every: 5\neval_examples: 4\nsave_every: 2\nkeep_last: 2\nseed: 7\n{extra}",
+            self.model_dir().display(),
+            self.db(),
+            run_dir.display()
+        );
+        let path = self.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, text).expect("the config");
+        (path, run_dir)
+    }
+}
+
+fn metrics(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// (step, value) points of a curve.
+type Curve = Vec<(u64, f64)>;
+
+/// (step, loss) of the training steps and (step, eval_loss) of the evaluations.
+fn curves(run_dir: &Path) -> (Curve, Curve) {
+    let records = metrics(run_dir);
+    let pick = |key: &str| -> Curve {
+        records
+            .iter()
+            .filter_map(|r| Some((r["step"].as_u64()?, r.get(key)?.as_f64()?)))
+            .collect()
+    };
+    (pick("loss"), pick("eval_loss"))
+}
+
+fn assert_same_curve(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for ((sa, la), (sb, lb)) in a.iter().zip(b) {
+        assert_eq!(sa, sb, "{what}");
+        assert!(
+            (la - lb).abs() <= 1e-6 * la.abs().max(1.0),
+            "{what} at step {sa}: {la} vs {lb}"
+        );
+    }
+}
+
+#[test]
+fn lora_training_learns_checkpoints_and_writes_a_peft_adapter() {
+    let fx = Fixture::new();
+    let (config, run_dir) = fx.config("run", "");
+    let config = config.display().to_string();
+    let run = fx.run(&["train", "--config", &config, "--json"]);
+    assert_ok(&run);
+    let summary: Value = serde_json::from_str(&run.stdout).expect("a JSON summary");
+    assert_eq!(summary["steps"], 14);
+    let (train, eval) = curves(&run_dir);
+    assert_eq!(train.len(), 14);
+    assert!(eval.len() >= 3, "{eval:?}");
+    let (first, best) = (
+        eval[0].1,
+        summary["best_eval_loss"].as_f64().expect("a best loss"),
+    );
+    assert!(best < first, "the evaluation loss fell: {first} → {best}");
+    // The adapter as PEFT writes it.
+    let adapter: Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("adapter_config.json")).expect("adapter_config.json"),
+    )
+    .expect("JSON");
+    assert_eq!(adapter["peft_type"], "LORA");
+    assert_eq!(adapter["r"], 4);
+    assert_eq!(adapter["lora_alpha"], 8.0);
+    assert_eq!(adapter["task_type"], "CAUSAL_LM");
+    let targets = adapter["target_modules"].as_array().expect("a list").len();
+    assert_eq!(targets, 7);
+    let tensors = candle_core::safetensors::load(
+        run_dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("adapter_model.safetensors");
+    assert_eq!(tensors.len(), 2 * 7 * tiny_model::LAYERS);
+    let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b = &tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+    assert_eq!(a.dims(), &[4, tiny_model::HIDDEN]);
+    assert_eq!(b.dims(), &[tiny_model::HIDDEN, 4]);
+    // Checkpoints: the last two and the best; the plot and the resolved config.
+    let checkpoints = std::fs::read_dir(run_dir.join("checkpoints"))
+        .expect("checkpoints")
+        .count();
+    assert!(
+        (2..=3).contains(&checkpoints),
+        "{checkpoints} checkpoints kept"
+    );
+    assert!(run_dir.join("config.yaml").is_file());
+    assert!(run_dir.join("loss.png").is_file());
+    // A second run of the same config finds the run complete and changes nothing.
+    let before = std::fs::read(run_dir.join("metrics.jsonl")).expect("metrics");
+    assert_ok(&fx.run(&["train", "--config", &config, "--json"]));
+    assert_eq!(
+        before,
+        std::fs::read(run_dir.join("metrics.jsonl")).expect("metrics")
+    );
+    // The adapter loads back for generation on its base.
+    let model = fx.model_dir().display().to_string();
+    let adapter_dir = run_dir.display().to_string();
+    assert_ok(&fx.run(&[
+        "generate",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter_dir,
+        "--prompt",
+        "Predict",
+        "--max-tokens",
+        "3",
+    ]));
+}
+
+#[test]
+fn a_run_killed_at_a_random_step_resumes_to_the_same_curve() {
+    let fx = Fixture::new();
+    let (config, whole) = fx.config("whole", "");
+    assert_ok(&fx.run(&[
+        "train",
+        "--config",
+        &config.display().to_string(),
+        "--quiet",
+    ]));
+    let (expected_train, expected_eval) = curves(&whole);
+
+    let (config, killed) = fx.config("killed", "");
+    // A step chosen by the clock, so that runs of the suite kill at different points.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let kill_after = 3 + (nanos as usize) % 8;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_medcoder"))
+        .args([
+            "train",
+            "--config",
+            &config.display().to_string(),
+            "--quiet",
+        ])
+        .env(MedcoderHome::ENV, fx.dir.path().join("home"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start medcoder train");
+    let started = Instant::now();
+    let mut killed_mid_run = false;
+    loop {
+        if child.try_wait().expect("poll the run").is_some() {
+            break;
+        }
+        let steps = curves(&killed).0.len();
+        if steps >= kill_after {
+            child.kill().expect("SIGKILL the run");
+            child.wait().expect("reap the run");
+            killed_mid_run = true;
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "the run hung");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        killed_mid_run,
+        "the run ended before step {kill_after}: nothing was tested"
+    );
+    let resumed = fx.run(&["train", "--resume", &killed.display().to_string(), "--json"]);
+    assert_ok(&resumed);
+    let (train, eval) = curves(&killed);
+    assert_same_curve(&expected_train, &train, "training loss");
+    assert_same_curve(&expected_eval, &eval, "evaluation loss");
+    let a = std::fs::read(whole.join("adapter_model.safetensors")).expect("adapter");
+    let b = std::fs::read(killed.join("adapter_model.safetensors")).expect("adapter");
+    assert_eq!(a, b, "the resumed run ends with the same adapter");
+}
+
+#[test]
+fn bad_configs_and_missing_data_fail_with_the_key_or_the_fix_named() {
+    let fx = Fixture::new();
+    let (config, _) = fx.config("typo", "lerning_rate: 1\n");
+    let run = fx.run(&["train", "--config", &config.display().to_string()]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("lerning_rate"), "{}", run.stderr);
+
+    let (config, _) = fx.config("badset", "");
+    let run = fx.run(&[
+        "train",
+        "--config",
+        &config.display().to_string(),
+        "--set",
+        "lora.rank=3",
+    ]);
+    assert!(run.stderr.contains("rank"), "{}", run.stderr);
+
+    let run = fx.run(&[
+        "train",
+        "--config",
+        &config.display().to_string(),
+        "--set",
+        "dataset=nothing",
+    ]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("prepare tokens"), "{}", run.stderr);
+
+    let run = fx.run(&[
+        "train",
+        "--config",
+        &config.display().to_string(),
+        "--set",
+        "max_len=8",
+    ]);
+    assert!(
+        run.stderr.contains("no trainable examples"),
+        "{}",
+        run.stderr
+    );
+
+    // Another config into a folder holding a run is refused, not mixed in.
+    let (config, _) = fx.config("shared", "");
+    let config = config.display().to_string();
+    assert_ok(&fx.run(&["train", "--config", &config, "--set", "max_steps=2"]));
+    let run = fx.run(&[
+        "train",
+        "--config",
+        &config,
+        "--set",
+        "max_steps=2",
+        "--set",
+        "seed=8",
+    ]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("--resume"), "{}", run.stderr);
+}

@@ -1,0 +1,247 @@
+//! Training examples from the token table, and the batches of an epoch: a pure function of
+//! (seed, epoch), so that a resumed run sees exactly the batches an uninterrupted one would.
+
+use medcoder_models::lora::splitmix64;
+use medcoder_store::TokenRow;
+
+use crate::config::{LossOn, Overlong};
+use crate::TrainError;
+
+/// One sequence and the positions whose next token is scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub doc_id: String,
+    pub ids: Vec<u32>,
+    /// Tokens before the first scored target.
+    pub prompt_len: usize,
+}
+
+impl Example {
+    /// Positions `t` whose next token `ids[t + 1]` is a target.
+    pub fn target_positions(&self, loss_on: LossOn) -> std::ops::Range<usize> {
+        let last = self.ids.len().saturating_sub(1);
+        match loss_on {
+            LossOn::All => 0..last,
+            LossOn::Completion => self.prompt_len.saturating_sub(1).min(last)..last,
+        }
+    }
+
+    pub fn target_count(&self, loss_on: LossOn) -> usize {
+        self.target_positions(loss_on).len()
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DataReport {
+    pub rows: usize,
+    pub dropped_overlong: usize,
+    pub truncated_overlong: usize,
+    pub without_targets: usize,
+}
+
+/// The examples of one split, checked against `max_len`.
+pub fn examples_of_split(
+    rows: &[TokenRow],
+    split: &str,
+    max_len: usize,
+    overlong: Overlong,
+    loss_on: LossOn,
+) -> Result<(Vec<Example>, DataReport), TrainError> {
+    let mut report = DataReport::default();
+    let mut examples = Vec::new();
+    for row in rows.iter().filter(|r| r.split.as_deref() == Some(split)) {
+        report.rows += 1;
+        let mut example = Example {
+            doc_id: row.doc_id.clone(),
+            ids: row.ids.clone(),
+            prompt_len: row.prompt_len as usize,
+        };
+        if example.ids.len() > max_len {
+            match overlong {
+                Overlong::Error => {
+                    return Err(TrainError::Data(format!(
+                        "example {} (chunk {}) of split {split} has {} tokens, over max_len {max_len}: \
+                         raise max_len, re-run `prepare tokens` with a smaller --max-len, or set \
+                         overlong: drop | truncate-prompt",
+                        row.doc_id,
+                        row.chunk,
+                        example.ids.len()
+                    )))
+                }
+                Overlong::Drop => {
+                    report.dropped_overlong += 1;
+                    continue;
+                }
+                Overlong::TruncatePrompt => {
+                    let completion = example.ids.len() - example.prompt_len.min(example.ids.len());
+                    if completion + 1 > max_len {
+                        report.dropped_overlong += 1;
+                        continue;
+                    }
+                    let keep_prompt = max_len - completion;
+                    let mut ids = example.ids[..keep_prompt].to_vec();
+                    ids.extend_from_slice(&example.ids[example.prompt_len..]);
+                    example.ids = ids;
+                    example.prompt_len = keep_prompt;
+                    report.truncated_overlong += 1;
+                }
+            }
+        }
+        if example.target_count(loss_on) == 0 {
+            report.without_targets += 1;
+            continue;
+        }
+        examples.push(example);
+    }
+    Ok((examples, report))
+}
+
+/// The batches (indices into the examples) of one epoch.
+pub fn epoch_batches(
+    examples: &[Example],
+    batch_size: usize,
+    bucket_by_length: bool,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    let mut state = seed ^ (epoch as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    shuffle(&mut order, &mut state);
+    if bucket_by_length {
+        // Sort within windows of 32 batches, so batches hold similar lengths while the epoch
+        // still mixes long and short ones.
+        for window in order.chunks_mut(batch_size * 32) {
+            window.sort_by_key(|&i| examples[i].ids.len());
+        }
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    if bucket_by_length {
+        shuffle(&mut batches, &mut state);
+    }
+    batches
+}
+
+fn shuffle<T>(items: &mut [T], state: &mut u64) {
+    for i in (1..items.len()).rev() {
+        let j = (splitmix64(state) % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// A right-padded batch: the ids (b × len, row-major), and for each scored position its flat
+/// index and its target token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaddedBatch {
+    pub rows: usize,
+    pub len: usize,
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+/// Right padding needs no attention mask: under the causal mask no real token sees the
+/// padding after it, and padded positions are never scored.
+pub fn pad_batch(examples: &[&Example], pad_id: u32, loss_on: LossOn) -> PaddedBatch {
+    let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let mut batch = PaddedBatch {
+        rows: examples.len(),
+        len,
+        ids: Vec::with_capacity(examples.len() * len),
+        positions: Vec::new(),
+        targets: Vec::new(),
+    };
+    for (row, example) in examples.iter().enumerate() {
+        batch.ids.extend_from_slice(&example.ids);
+        batch.ids.resize((row + 1) * len, pad_id);
+        for t in example.target_positions(loss_on) {
+            batch.positions.push((row * len + t) as u32);
+            batch.targets.push(example.ids[t + 1]);
+        }
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, split: &str, len: usize, prompt: u32) -> TokenRow {
+        TokenRow {
+            doc_id: id.into(),
+            chunk: 0,
+            split: Some(split.into()),
+            ids: (0..len as u32).collect(),
+            prompt_len: prompt,
+            truncation: None,
+        }
+    }
+
+    #[test]
+    fn targets_are_the_completion_and_padding_is_never_scored() {
+        let a = Example {
+            doc_id: "a".into(),
+            ids: vec![5, 6, 7, 8],
+            prompt_len: 2,
+        };
+        let b = Example {
+            doc_id: "b".into(),
+            ids: vec![1, 2, 3],
+            prompt_len: 2,
+        };
+        let batch = pad_batch(&[&a, &b], 0, LossOn::Completion);
+        assert_eq!(batch.ids, vec![5, 6, 7, 8, 1, 2, 3, 0]);
+        // a: positions 1, 2 predict 7, 8; b: position 1 predicts 3
+        assert_eq!(batch.positions, vec![1, 2, 5]);
+        assert_eq!(batch.targets, vec![7, 8, 3]);
+        let all = pad_batch(&[&b], 0, LossOn::All);
+        assert_eq!(all.targets, vec![2, 3]);
+    }
+
+    #[test]
+    fn overlong_examples_follow_the_chosen_strategy() {
+        let rows = vec![
+            row("a", "train", 10, 6),
+            row("b", "train", 4, 2),
+            row("c", "dev", 20, 2),
+        ];
+        let err = examples_of_split(&rows, "train", 8, Overlong::Error, LossOn::Completion)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("example a") && err.contains("max_len 8"),
+            "{err}"
+        );
+        let (kept, report) =
+            examples_of_split(&rows, "train", 8, Overlong::Drop, LossOn::Completion).unwrap();
+        assert_eq!((kept.len(), report.dropped_overlong), (1, 1));
+        let (kept, report) = examples_of_split(
+            &rows,
+            "train",
+            8,
+            Overlong::TruncatePrompt,
+            LossOn::Completion,
+        )
+        .unwrap();
+        assert_eq!(report.truncated_overlong, 1);
+        assert_eq!(kept[0].ids, vec![0, 1, 2, 3, 6, 7, 8, 9]);
+        assert_eq!(kept[0].prompt_len, 4);
+    }
+
+    #[test]
+    fn epochs_are_reproducible_permutations() {
+        let examples: Vec<Example> = (0..23)
+            .map(|i| Example {
+                doc_id: i.to_string(),
+                ids: vec![0; 3 + i % 7],
+                prompt_len: 1,
+            })
+            .collect();
+        let a = epoch_batches(&examples, 4, true, 7, 0);
+        assert_eq!(a, epoch_batches(&examples, 4, true, 7, 0));
+        assert_ne!(a, epoch_batches(&examples, 4, true, 7, 1));
+        let mut seen: Vec<usize> = a.concat();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..23).collect::<Vec<_>>());
+        assert_eq!(a.iter().filter(|b| b.len() < 4).count(), 1);
+    }
+}
