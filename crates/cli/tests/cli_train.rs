@@ -311,6 +311,30 @@ fn bad_configs_and_missing_data_fail_with_the_key_or_the_fix_named() {
         run.stderr
     );
 
+    // A diverging run stops with the step named and its last checkpoint kept.
+    let (config, run_dir) = fx.config("diverge", "");
+    let run = fx.run(&[
+        "train",
+        "--config",
+        &config.display().to_string(),
+        "--set",
+        "optimizer.learning_rate=1.0e+38",
+        "--set",
+        "optimizer.max_grad_norm=0",
+        "--set",
+        "optimizer.warmup_steps=0",
+    ]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("the loss became"), "{}", run.stderr);
+    let kept = std::fs::read_dir(run_dir.join("checkpoints"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert!(
+        run.stderr.contains("none yet") || kept > 0,
+        "a checkpoint is named and kept: {}",
+        run.stderr
+    );
+
     // Another config into a folder holding a run is refused, not mixed in.
     let (config, _) = fx.config("shared", "");
     let config = config.display().to_string();

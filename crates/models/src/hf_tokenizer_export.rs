@@ -34,7 +34,8 @@ use crate::ModelError;
 /// its `<general.architecture>.context_length`.
 ///
 /// A merge command that loaded a model from GGUF calls it with
-/// `loader::read_gguf(path)?.metadata`.
+/// `loader::read_gguf(path)?.metadata`. A `chat_template.jinja` already in `dir` is left alone
+/// (readers prefer it to the `chat_template` field): write into a fresh folder.
 pub fn write_hf_tokenizer(
     metadata: &HashMap<String, Value>,
     gguf_path: &Path,
@@ -99,8 +100,6 @@ fn tokenizer_config(vocab: &GgufVocab, model_max_length: Option<u64>) -> Json {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
     use crate::gguf_tokenizer::TokenType;
     use crate::ModelTokenizer;

@@ -160,7 +160,9 @@ impl Module for Linear {
             )?,
             // (.., in) x (in, out): the transposed weight is a strided view, which gemm reads
             // without a copy.
-            Self::Dense { weight, .. } => xs.broadcast_matmul(&weight.t()?)?,
+            Self::Dense { weight, .. } => {
+                xs.broadcast_matmul(&crate::autograd::maybe_detached(weight).t()?)?
+            }
             Self::Quantized {
                 cpu_kernel: Some(kernel),
                 ..
@@ -198,19 +200,8 @@ impl RmsNorm {
     pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Inference => candle_nn::ops::rms_norm(xs, &self.weight, self.eps as f32),
-            Mode::Differentiable => {
-                // Half-precision activations are normed in f32, like HF.
-                let dtype = xs.dtype();
-                let xs = match dtype {
-                    DType::F16 | DType::BF16 => xs.to_dtype(DType::F32)?,
-                    _ => xs.clone(),
-                };
-                let mean_square = xs.sqr()?.mean_keepdim(D::Minus1)?;
-                let normed = xs.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
-                normed
-                    .to_dtype(dtype)?
-                    .broadcast_mul(&self.weight.to_dtype(dtype)?)
-            }
+            // The fused kernel forward, a closed-form backward (`autograd`).
+            Mode::Differentiable => crate::autograd::rms_norm(xs, &self.weight, self.eps),
         }
     }
 }
@@ -290,7 +281,7 @@ impl Rotary {
         };
         match mode {
             Mode::Inference => candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin),
-            Mode::Differentiable => rope_differentiable(xs, &cos, &sin),
+            Mode::Differentiable => crate::autograd::rope(xs, &cos, &sin),
         }
     }
 }
@@ -322,8 +313,10 @@ fn scaled_frequency(freq: f64, scaling: &RopeScaling) -> f64 {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` from narrow/cat/mul, all differentiable.
-fn rope_differentiable(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// `x * cos + rotate_half(x) * sin` from narrow/cat/mul, all differentiable (the reference
+/// the fused op's gradients are checked against).
+#[cfg(test)]
+pub(crate) fn rope_differentiable(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_b, _h, seq, dim) = xs.dims4()?;
     let half = dim / 2;
     // cos/sin: (seq, half) or (b, seq, half) → broadcastable to (b, h, seq, dim)
@@ -427,7 +420,7 @@ impl Embedding {
             Self::Dense(table) => {
                 let (b, s) = ids.dims2()?;
                 let hidden = table.dim(1)?;
-                table
+                crate::autograd::maybe_detached(table)
                     .index_select(&ids.flatten_all()?, 0)?
                     .reshape((b, s, hidden))?
                     .to_dtype(dtype)

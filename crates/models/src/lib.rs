@@ -1,6 +1,7 @@
 //! Models: the candle model families (llama, qwen2, qwen3, gemma3) built on one shared
 //! transformer, loaded from HF checkpoints or GGUF files, with tokenizers and chat templates.
 
+pub mod autograd;
 mod chat_template;
 mod error;
 pub mod families;
@@ -11,6 +12,7 @@ pub mod hf_tokenizer_export;
 pub mod layers;
 pub mod loader;
 pub mod lora;
+pub mod parameters;
 pub mod qmatmul_cpu;
 pub mod recompute;
 mod tokenizer;

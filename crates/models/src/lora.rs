@@ -54,8 +54,12 @@ impl Module for LoraLinear {
         if let Some(dropout) = &self.dropout {
             x = dropout.apply(&x)?;
         }
+        let (a, b) = (
+            crate::autograd::maybe_detached(&self.a),
+            crate::autograd::maybe_detached(&self.b),
+        );
         // (m, in) · (in, r) · (r, out) → (m, out)
-        let update = (x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?;
+        let update = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?;
         let mut out = lead.to_vec();
         out.push(update.dim(1)?);
         let dtype = base.dtype();
@@ -322,14 +326,14 @@ pub fn apply_peft_adapter(
             return Ok(false);
         };
         let (Some(a), Some(b)) = (a, b) else {
-            problem = Some(format!("{module}: lora_A or lora_B is missing"));
+            problem.get_or_insert(format!("{module}: lora_A or lora_B is missing"));
             return Ok(false);
         };
         let (out_dim, in_dim) = linear.shape()?;
         let (r, a_in) = a.dims2()?;
         let (b_out, b_r) = b.dims2()?;
         if a_in != in_dim || b_out != out_dim || b_r != r {
-            problem = Some(format!(
+            problem.get_or_insert(format!(
                 "{module}: adapter shapes A {:?}, B {:?} do not fit the layer's ({out_dim}, {in_dim})",
                 a.dims(),
                 b.dims()

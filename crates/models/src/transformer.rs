@@ -72,13 +72,13 @@ impl KvCache {
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
+pub(crate) struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) q_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -86,7 +86,7 @@ struct Attention {
     sliding_window: Option<usize>,
     local_rope: bool,
     /// q, k and v stacked into one quantized layer (inference on the CPU kernels).
-    qkv: Option<Linear>,
+    pub(crate) qkv: Option<Linear>,
 }
 
 impl Attention {
@@ -188,6 +188,18 @@ impl Attention {
         if step.use_cache {
             *cache = Some((k.clone(), v.clone()));
         }
+        let mask = if self.sliding_window.is_some() {
+            &step.local_mask
+        } else {
+            &step.mask
+        };
+        if step.mode == Mode::Differentiable {
+            // (b, h, seq, d) → (b, seq, h * d)
+            let out = crate::autograd::attention(&q, &k, &v, mask.as_ref(), self.scale)?
+                .transpose(1, 2)?
+                .reshape((b, seq, self.num_heads * self.head_dim))?;
+            return self.o_proj.forward(&out);
+        }
         // Grouped-query attention without copying keys and values per query head: the query
         // heads sharing a kv head are stacked along the sequence axis.
         let group = self.num_heads / self.num_kv_heads;
@@ -199,11 +211,6 @@ impl Attention {
             .reshape((b, self.num_kv_heads, group * seq, d))?;
         // (b, kv, group * seq, d) x (b, kv, d, t) → (b, h, seq, t)
         let scores = (q.matmul(&k.t()?)? * self.scale)?.reshape((b, self.num_heads, seq, t))?;
-        let mask = if self.sliding_window.is_some() {
-            &step.local_mask
-        } else {
-            &step.mask
-        };
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
@@ -226,17 +233,17 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 pub(crate) struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
     /// Gemma 3: applied to the attention output.
-    post_attention_norm: Option<RmsNorm>,
+    pub(crate) post_attention_norm: Option<RmsNorm>,
     /// The norm before the MLP (`post_attention_layernorm` in llama, `pre_feedforward_layernorm`
     /// in Gemma 3).
-    pre_mlp_norm: RmsNorm,
-    mlp: GatedMlp,
+    pub(crate) pre_mlp_norm: RmsNorm,
+    pub(crate) mlp: GatedMlp,
     /// gate and up stacked into one quantized layer (inference on the CPU kernels).
-    gate_up: Option<Linear>,
-    post_feedforward_norm: Option<RmsNorm>,
+    pub(crate) gate_up: Option<Linear>,
+    pub(crate) post_feedforward_norm: Option<RmsNorm>,
 }
 
 impl DecoderLayer {
@@ -314,15 +321,15 @@ pub(crate) struct Step<'a> {
 /// A decoder-only language model with its LM head.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
-    spec: Spec,
+    pub(crate) spec: Spec,
     pub(crate) embed_tokens: Embedding,
     pub(crate) layers: Vec<DecoderLayer>,
     pub(crate) norm: RmsNorm,
-    lm_head: Linear,
+    pub(crate) lm_head: Linear,
     rotary: Rotary,
     local_rotary: Option<Rotary>,
-    dtype: DType,
-    device: Device,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
 }
 
 /// Options of one forward pass.
@@ -550,164 +557,6 @@ impl CausalLm {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
         }
-    }
-
-    /// Visit every linear layer by its HF module name (`model.layers.0.self_attn.q_proj`, …,
-    /// `lm_head`), in a fixed order; `f` returns whether it replaced the layer, in which case
-    /// the fused inference copies of that block (stacked q/k/v, gate/up) are dropped so that
-    /// inference runs the replaced layers.
-    pub fn visit_linears_mut(
-        &mut self,
-        mut f: impl FnMut(&str, &mut Linear) -> Result<bool>,
-    ) -> Result<()> {
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            let attn = &mut layer.self_attn;
-            let mut changed = false;
-            for (name, linear) in [
-                ("q_proj", &mut attn.q_proj),
-                ("k_proj", &mut attn.k_proj),
-                ("v_proj", &mut attn.v_proj),
-                ("o_proj", &mut attn.o_proj),
-            ] {
-                changed |= f(&format!("{prefix}.self_attn.{name}"), linear)?;
-            }
-            if changed {
-                attn.qkv = None;
-            }
-            let mlp = &mut layer.mlp;
-            let mut changed = false;
-            for (name, linear) in [
-                ("gate_proj", &mut mlp.gate_proj),
-                ("up_proj", &mut mlp.up_proj),
-                ("down_proj", &mut mlp.down_proj),
-            ] {
-                changed |= f(&format!("{prefix}.mlp.{name}"), linear)?;
-            }
-            if changed {
-                layer.gate_up = None;
-            }
-        }
-        f("lm_head", &mut self.lm_head)?;
-        Ok(())
-    }
-
-    /// Every dense parameter by HF tensor name (`….weight`, `….bias`), for full fine-tuning:
-    /// `f` may replace a tensor by a trainable one of the same shape. A tied LM head is
-    /// visited under the embedding's name, so that one variable serves both. Fails on
-    /// quantized weights (dequantize first).
-    pub fn visit_parameters_mut(
-        &mut self,
-        mut f: impl FnMut(&str, &mut Tensor) -> Result<()>,
-    ) -> Result<()> {
-        match &mut self.embed_tokens {
-            Embedding::Dense(table) => f("model.embed_tokens.weight", table)?,
-            Embedding::Quantized(_) => {
-                candle_core::bail!(
-                    "full fine-tuning needs dense weights: the embeddings are quantized"
-                )
-            }
-        }
-        let tied = self.spec.tie_word_embeddings;
-        let visit_linear = |name: &str,
-                            linear: &mut Linear,
-                            f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>|
-         -> Result<()> {
-            match linear {
-                Linear::Dense { weight, bias } => {
-                    f(&format!("{name}.weight"), weight)?;
-                    if let Some(bias) = bias {
-                        f(&format!("{name}.bias"), bias)?;
-                    }
-                    Ok(())
-                }
-                _ => candle_core::bail!(
-                    "full fine-tuning needs dense weights: {name} is quantized or adapted"
-                ),
-            }
-        };
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            let attn = &mut layer.self_attn;
-            for (name, linear) in [
-                ("q_proj", &mut attn.q_proj),
-                ("k_proj", &mut attn.k_proj),
-                ("v_proj", &mut attn.v_proj),
-                ("o_proj", &mut attn.o_proj),
-            ] {
-                visit_linear(&format!("{prefix}.self_attn.{name}"), linear, &mut f)?;
-            }
-            attn.qkv = None;
-            for (name, norm) in [("q_norm", &mut attn.q_norm), ("k_norm", &mut attn.k_norm)] {
-                if let Some(norm) = norm {
-                    f(
-                        &format!("{prefix}.self_attn.{name}.weight"),
-                        norm.weight_mut(),
-                    )?;
-                }
-            }
-            let mlp = &mut layer.mlp;
-            for (name, linear) in [
-                ("gate_proj", &mut mlp.gate_proj),
-                ("up_proj", &mut mlp.up_proj),
-                ("down_proj", &mut mlp.down_proj),
-            ] {
-                visit_linear(&format!("{prefix}.mlp.{name}"), linear, &mut f)?;
-            }
-            layer.gate_up = None;
-            f(
-                &format!("{prefix}.input_layernorm.weight"),
-                layer.input_layernorm.weight_mut(),
-            )?;
-            let (pre_mlp, post_attn, post_ff) = if self.spec.sandwich_norms {
-                (
-                    "pre_feedforward_layernorm",
-                    "post_attention_layernorm",
-                    "post_feedforward_layernorm",
-                )
-            } else {
-                ("post_attention_layernorm", "", "")
-            };
-            f(
-                &format!("{prefix}.{pre_mlp}.weight"),
-                layer.pre_mlp_norm.weight_mut(),
-            )?;
-            if let Some(norm) = &mut layer.post_attention_norm {
-                f(&format!("{prefix}.{post_attn}.weight"), norm.weight_mut())?;
-            }
-            if let Some(norm) = &mut layer.post_feedforward_norm {
-                f(&format!("{prefix}.{post_ff}.weight"), norm.weight_mut())?;
-            }
-        }
-        f("model.norm.weight", self.norm.weight_mut())?;
-        if tied {
-            match &mut self.lm_head {
-                Linear::Dense { weight, .. } => f("model.embed_tokens.weight", weight)?,
-                _ => {
-                    candle_core::bail!("full fine-tuning needs dense weights: lm_head is quantized")
-                }
-            }
-        } else {
-            visit_linear("lm_head", &mut self.lm_head, &mut f)?;
-        }
-        Ok(())
-    }
-
-    /// Dequantize every quantized weight to the model's dtype (QLoRA keeps them quantized;
-    /// LoRA on a GGUF file and full fine-tuning need them dense).
-    pub fn dequantize(&mut self) -> Result<()> {
-        let (dtype, device) = (self.dtype, self.device.clone());
-        // Quantized GGUF models run f32 activations on CPU; dense weights follow them.
-        if let Embedding::Quantized(table) = &self.embed_tokens {
-            self.embed_tokens = Embedding::Dense(table.dequantize(&device)?.to_dtype(dtype)?);
-        }
-        self.visit_linears_mut(|_, linear| {
-            if matches!(linear, Linear::Quantized { .. }) {
-                *linear = linear.dequantized(dtype, &device)?;
-                return Ok(true);
-            }
-            Ok(false)
-        })
     }
 
     /// Logits of the last position of a single sequence: ids (seq) → (vocab), f32.

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use medcoder_models::layers::Mode;
 use medcoder_models::transformer::compute_pool;
 use medcoder_models::{CausalLm, LoadedModel};
@@ -431,6 +431,7 @@ impl<'a> Trainer<'a> {
 
     /// Mean loss per target token over the evaluation examples.
     pub fn evaluate(&self) -> Result<f64, TrainError> {
+        let _no_grad = medcoder_models::autograd::no_grad();
         let (mut sum, mut count) = (0f64, 0usize);
         for chunk in self.eval.chunks(self.config.batch_size) {
             let examples: Vec<&Example> = chunk.iter().collect();
@@ -552,28 +553,10 @@ fn select_positions(
     hidden.reshape((b * len, h))?.index_select(&index, 0)
 }
 
-/// Σ −log p(target) over the rows of `logits` (n, vocab), in f32.
-fn cross_entropy_sum(
-    logits: &Tensor,
-    targets: &[u32],
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    // Half-precision logits are scored in f32; f32 and f64 as they are.
-    let logits = match logits.dtype() {
-        DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
-        _ => logits.clone(),
-    };
-    let log_probs = candle_nn_log_softmax(&logits)?;
-    let index = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), device)?;
-    log_probs.gather(&index, 1)?.sum_all()?.neg()
-}
-
-/// log-softmax over the last dimension from differentiable ops.
-fn candle_nn_log_softmax(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach();
-    let shifted = xs.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&log_sum)
+/// Σ −log p(target) over the rows of `logits` (n, vocab) (fused, with its backward).
+fn cross_entropy_sum(logits: &Tensor, targets: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    let targets = Tensor::from_vec(targets.to_vec(), targets.len(), device)?;
+    medcoder_models::autograd::cross_entropy_sum(logits, &targets)
 }
 
 /// The loss of one micro-batch (Σ over its targets, not divided) and its gradients scaled by
