@@ -98,7 +98,11 @@ pub fn attention(
     let (b, h, s, d) = q.dims4()?;
     let (_, kv, t, _) = k.dims4()?;
     let group = h / kv;
-    let (qd, kd, vd) = (q.detach(), k.detach().contiguous()?, v.detach().contiguous()?);
+    let (qd, kd, vd) = (
+        q.detach(),
+        k.detach().contiguous()?,
+        v.detach().contiguous()?,
+    );
     // (b, kv, g·s, d) × (b, kv, d, t) → (b, h, s, t)
     let qg = qd.contiguous()?.reshape((b, kv, group * s, d))?;
     let scores = (qg.matmul(&kd.t()?)? * scale)?.reshape((b, h, s, t))?;
@@ -272,9 +276,7 @@ impl CustomOp2 for RmsNormOp {
             .recip()?;
         let xhat = x.broadcast_mul(&r)?;
         // dw = Σ_rows g ∘ x̂
-        let dw = (&g * &xhat)?
-            .reshape(((), w.elem_count()))?
-            .sum(0)?;
+        let dw = (&g * &xhat)?.reshape(((), w.elem_count()))?.sum(0)?;
         // dx = r · (ĝ − x̂ · mean(ĝ ∘ x̂)) with ĝ = g ∘ w
         let gw = g.broadcast_mul(&w)?;
         let dot = ((&gw * &xhat)?.sum_keepdim(D::Minus1)? / hidden)?;
@@ -373,7 +375,10 @@ impl CustomOp1 for CrossEntropyOp {
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let ones = Tensor::ones(self.index.shape(), self.probs.dtype(), self.probs.device())?;
-        let onehot = self.probs.zeros_like()?.scatter_add(&self.index, &ones, 1)?;
+        let onehot = self
+            .probs
+            .zeros_like()?
+            .scatter_add(&self.index, &ones, 1)?;
         let g = (&self.probs - onehot)?.broadcast_mul(&grad.to_dtype(self.probs.dtype())?)?;
         Ok(Some(g.to_dtype(self.dtype)?))
     }
@@ -386,7 +391,9 @@ mod tests {
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all());
-        d.and_then(|d| d.max(0)).and_then(|m| m.to_scalar::<f32>()).unwrap_or(f32::INFINITY)
+        d.and_then(|d| d.max(0))
+            .and_then(|m| m.to_scalar::<f32>())
+            .unwrap_or(f32::INFINITY)
     }
 
     /// Gradients of `Σ f(vars) ∘ r` for the fused op and its composed reference.
@@ -398,7 +405,11 @@ mod tests {
         let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let a = fused(&inputs)?;
         let b = reference(&inputs)?;
-        assert!(max_abs_diff(&a, &b) < 1e-4, "forward differs by {}", max_abs_diff(&a, &b));
+        assert!(
+            max_abs_diff(&a, &b) < 1e-4,
+            "forward differs by {}",
+            max_abs_diff(&a, &b)
+        );
         let r = Tensor::randn(0f32, 1.0, a.shape(), a.device())?;
         let ga = (a * &r)?.sum_all()?.backward()?;
         let gb = (b * &r)?.sum_all()?.backward()?;
@@ -419,25 +430,24 @@ mod tests {
         let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
         // RMSNorm
         let (x, w) = (var(&[2, 3, 8])?, var(&[8])?);
-        compare(
-            &[x, w],
-            &|t| rms_norm(&t[0], &t[1], 1e-6),
-            &|t| {
-                let ms = t[0].sqr()?.mean_keepdim(D::Minus1)?;
-                t[0].broadcast_div(&(ms + 1e-6)?.sqrt()?)?.broadcast_mul(&t[1])
-            },
-        )?;
+        compare(&[x, w], &|t| rms_norm(&t[0], &t[1], 1e-6), &|t| {
+            let ms = t[0].sqr()?.mean_keepdim(D::Minus1)?;
+            t[0].broadcast_div(&(ms + 1e-6)?.sqrt()?)?
+                .broadcast_mul(&t[1])
+        })?;
         // RoPE
         let x = var(&[2, 2, 5, 8])?;
         let angles = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
-        compare(
-            &[x],
-            &|t| rope(&t[0], &cos, &sin),
-            &|t| crate::layers::rope_differentiable(&t[0], &cos, &sin),
-        )?;
+        compare(&[x], &|t| rope(&t[0], &cos, &sin), &|t| {
+            crate::layers::rope_differentiable(&t[0], &cos, &sin)
+        })?;
         // Attention with grouped kv heads and a causal mask
-        let (q, k, v) = (var(&[2, 4, 5, 8])?, var(&[2, 2, 5, 8])?, var(&[2, 2, 5, 8])?);
+        let (q, k, v) = (
+            var(&[2, 4, 5, 8])?,
+            var(&[2, 2, 5, 8])?,
+            var(&[2, 2, 5, 8])?,
+        );
         let mask = crate::layers::attention_mask(2, 5, 0, None, None, DType::F32, &dev)?;
         let mask_ref = mask.clone();
         compare(
@@ -445,11 +455,13 @@ mod tests {
             &|t| attention(&t[0], &t[1], &t[2], mask.as_ref(), 0.3),
             &move |t| {
                 // repeat kv heads: query head h uses kv head h / 2
-                let parts: Vec<Tensor> =
-                    (0..4).map(|h| t[1].narrow(1, h / 2, 1)).collect::<Result<_>>()?;
+                let parts: Vec<Tensor> = (0..4)
+                    .map(|h| t[1].narrow(1, h / 2, 1))
+                    .collect::<Result<_>>()?;
                 let k = Tensor::cat(&parts, 1)?;
-                let parts: Vec<Tensor> =
-                    (0..4).map(|h| t[2].narrow(1, h / 2, 1)).collect::<Result<_>>()?;
+                let parts: Vec<Tensor> = (0..4)
+                    .map(|h| t[2].narrow(1, h / 2, 1))
+                    .collect::<Result<_>>()?;
                 let v = Tensor::cat(&parts, 1)?;
                 let scores = (t[0].matmul(&k.t()?)? * 0.3)?;
                 let scores = match &mask_ref {
@@ -462,14 +474,10 @@ mod tests {
         // Cross-entropy
         let logits = var(&[6, 11])?;
         let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &dev)?;
-        compare(
-            &[logits],
-            &|t| cross_entropy_sum(&t[0], &targets),
-            &|t| {
-                let ls = candle_nn::ops::log_softmax(&t[0], D::Minus1)?;
-                ls.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
-            },
-        )?;
+        compare(&[logits], &|t| cross_entropy_sum(&t[0], &targets), &|t| {
+            let ls = candle_nn::ops::log_softmax(&t[0], D::Minus1)?;
+            ls.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
+        })?;
         Ok(())
     }
 }

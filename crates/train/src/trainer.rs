@@ -554,7 +554,11 @@ fn select_positions(
 }
 
 /// Σ −log p(target) over the rows of `logits` (n, vocab) (fused, with its backward).
-fn cross_entropy_sum(logits: &Tensor, targets: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+fn cross_entropy_sum(
+    logits: &Tensor,
+    targets: &[u32],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let targets = Tensor::from_vec(targets.to_vec(), targets.len(), device)?;
     medcoder_models::autograd::cross_entropy_sum(logits, &targets)
 }

@@ -159,13 +159,20 @@ fn a_gguf_base_merges_into_an_hf_folder_with_its_tokenizer() {
 
 #[test]
 fn an_adapter_for_another_base_is_refused_with_the_layer_named() {
-    let mut llama = load_hf_dir(&fixture("llama"), &Device::Cpu, DType::F32).unwrap().0;
+    let mut llama = load_hf_dir(&fixture("llama"), &Device::Cpu, DType::F32)
+        .unwrap()
+        .0;
     let adapter = tempfile::tempdir().unwrap();
     random_adapter(&mut llama, adapter.path());
-    let mut gemma = load_hf_dir(&fixture("gemma3"), &Device::Cpu, DType::F32).unwrap().0;
+    let mut gemma = load_hf_dir(&fixture("gemma3"), &Device::Cpu, DType::F32)
+        .unwrap()
+        .0;
     let err = medcoder_models::lora::apply_peft_adapter(&mut gemma, adapter.path())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("do not fit") && err.contains("q_proj"), "{err}");
+    assert!(
+        err.contains("do not fit") && err.contains("q_proj"),
+        "{err}"
+    );
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 }
