@@ -8,12 +8,12 @@ Usage: quick-code-f1.py --jsonl codiesp_dev.jsonl --model smollm2-135m-instruct
 The prompt is the default template of `prepare tokens` through the model's chat template."""
 import argparse, json, re, subprocess, sys, tempfile, time
 
-CODE = re.compile(r"[A-Z][0-9][0-9A-Z](?:\.?[0-9A-Z]{1,4})?|[0-9A-HJ-NP-Z]{7}")
+CODE = re.compile(r"[A-Z][0-9][0-9A-Z](?:\.?[0-9A-Z]{1,4})?|(?=[0-9A-Z]*[0-9])[0-9A-HJ-NP-Z]{3,7}")
 
 def normalize(code):
     code = code.strip().upper().replace(".", "")
-    if len(code) == 7 and not code[1:3].isdigit():
-        return code  # PCS
+    if len(code) < 3 or code[0].isdigit() or not code[1].isdigit():
+        return code  # ICD-10-PCS (full or partial, as CodiEsp's `CT13`)
     return code[:3] + ("." + code[3:] if len(code) > 3 else "")
 
 def parse(text):
@@ -36,11 +36,13 @@ def main():
     a.add_argument("--max-tokens", type=int, default=128)
     a.add_argument("--medcoder", default="target/release/medcoder")
     a.add_argument("--text-field", default="text_en")
+    a.add_argument("--save-outputs", help="write each document's raw output here (JSONL)")
     args = a.parse_args()
     docs = [json.loads(l) for l in open(args.jsonl)][: args.limit]
     tp = fp = fn = 0
     started = time.time()
     examples = []
+    saved = open(args.save_outputs, "w") if args.save_outputs else None
     for i, doc in enumerate(docs):
         prompt = "Predict the medical codes for the following text: " + doc[args.text_field]
         with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
@@ -53,6 +55,8 @@ def main():
         if out.returncode != 0:
             sys.exit(f"medcoder generate failed on {doc['id']}: {out.stderr}")
         text = json.loads(out.stdout)["text"]
+        if saved:
+            saved.write(json.dumps({"id": doc["id"], "output": text}) + "\n")
         predicted = set(parse(text))
         gold = {normalize(c) for c in doc["diagnoses"] + doc["procedures"]}
         tp += len(predicted & gold); fp += len(predicted - gold); fn += len(gold - predicted)
