@@ -18,38 +18,41 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Write `path` atomically: `write` fills the temp file it is given, which is then flushed
+/// to disk and renamed over `path`; on any error the temp file is removed and `path` is
+/// left as it was.
+pub fn write_through(
+    path: &Path,
+    temp: &Path,
+    write: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let result = write(temp).and_then(|()| {
+        fs_err::File::open(temp)?.sync_all()?;
+        fs_err::rename(temp, path)?;
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(temp);
+    }
+    result
+}
+
 /// Replace `path` with `bytes` atomically.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let temp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut file = fs_err::File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs_err::rename(&temp, path)?;
+    write_through(path, &temp_path(path), |temp| {
+        fs_err::File::create(temp)?.write_all(bytes)?;
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    Ok(result?)
+    })
 }
 
 /// Save tensors as safetensors at `path` atomically.
 pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), TrainError> {
-    let temp = temp_path(path);
-    let result = (|| -> Result<(), TrainError> {
-        candle_core::safetensors::save(tensors, &temp).map_err(|e| TrainError::Checkpoint {
+    write_through(path, &temp_path(path), |temp| {
+        candle_core::safetensors::save(tensors, temp).map_err(|e| TrainError::Checkpoint {
             path: path.display().to_string(),
             message: e.to_string(),
-        })?;
-        fs_err::File::open(&temp)?.sync_all()?;
-        fs_err::rename(&temp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+        })
+    })
 }
 
 /// Flush a folder's entries (renames into it) to disk.

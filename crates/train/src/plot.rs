@@ -71,18 +71,9 @@ fn write_png(curves: &Curves, path: &Path, with_text: bool) -> Result<(), TrainE
         path: path.display().to_string(),
         message,
     };
-    let temp = temp_path(path);
-    let result = render(curves, &temp, with_text)
-        .map_err(plot_error)
-        .and_then(|()| {
-            fs_err::File::open(&temp)?.sync_all()?;
-            fs_err::rename(&temp, path)?;
-            Ok(())
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+    crate::atomic::write_through(path, &temp_path(path), |temp| {
+        render(curves, temp, with_text).map_err(plot_error)
+    })
 }
 
 /// A temp file in `path`'s folder. It ends in `.png`: the encoder picks the format from the

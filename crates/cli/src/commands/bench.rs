@@ -253,6 +253,20 @@ fn measure(what: &str, command: &mut Command) -> anyhow::Result<Measured> {
     })
 }
 
+/// The Python an anchor runs with: the one given, else `.venv-reference/bin/python` when it
+/// exists (scripts/reference/setup-venv), else `python3`.
+pub(crate) fn anchor_python(explicit: Option<&PathBuf>) -> PathBuf {
+    if let Some(python) = explicit {
+        return python.clone();
+    }
+    let venv = PathBuf::from(".venv-reference/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -196,14 +196,7 @@ fn run_anchor(args: &TrainBenchArgs, dtype: &str) -> anyhow::Result<StepSpeed> {
     if !args.anchor.is_file() {
         bail!("{} not found (pass --anchor)", args.anchor.display());
     }
-    let python = args.python.clone().unwrap_or_else(|| {
-        let venv = PathBuf::from(".venv-reference/bin/python");
-        if venv.is_file() {
-            venv
-        } else {
-            PathBuf::from("python3")
-        }
-    });
+    let python = super::bench::anchor_python(args.python.as_ref());
     let output = Command::new(&python)
         .arg(&args.anchor)
         .args(["--threads", &args.threads.to_string()])
