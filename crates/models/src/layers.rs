@@ -197,6 +197,10 @@ impl RmsNorm {
         &mut self.weight
     }
 
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Inference => candle_nn::ops::rms_norm(xs, &self.weight, self.eps as f32),
@@ -255,6 +259,11 @@ impl Rotary {
             cos: angles.cos()?.to_dtype(dtype)?,
             sin: angles.sin()?.to_dtype(dtype)?,
         })
+    }
+
+    /// The (max_positions, head_dim / 2) cos and sin tables.
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
     }
 
     pub fn max_positions(&self) -> usize {

@@ -3,6 +3,7 @@
 
 pub mod autograd;
 mod chat_template;
+mod cpu_train_kernels;
 mod error;
 pub mod families;
 mod frozen;
@@ -12,6 +13,7 @@ pub mod hf_tokenizer_export;
 pub mod layers;
 pub mod loader;
 pub mod lora;
+pub mod lora_train_cpu;
 pub mod parameters;
 pub mod qmatmul_cpu;
 pub mod recompute;

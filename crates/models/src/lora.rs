@@ -99,25 +99,58 @@ impl LoraDropout {
     }
 
     fn apply(&self, xs: &Tensor) -> CandleResult<Tensor> {
-        if self.p <= 0.0 || !self.active.load(Ordering::Relaxed) {
+        let Some(draw) = self.draw() else {
             return Ok(xs.clone());
+        };
+        let mask = Tensor::from_vec(draw.mask(xs.elem_count()), xs.shape(), xs.device())?
+            .to_dtype(xs.dtype())?;
+        xs * mask
+    }
+
+    /// Masks drawn since the last reseed: recomputation (gradient checkpointing) rewinds to
+    /// it so that a recomputed layer draws the masks its first pass drew.
+    pub(crate) fn position(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn rewind(&self, position: u64) {
+        self.calls.store(position, Ordering::Relaxed);
+    }
+
+    /// The next layer's mask, as a seed that regenerates it; `None` when nothing is dropped.
+    pub(crate) fn draw(&self) -> Option<DropoutDraw> {
+        if self.p <= 0.0 || !self.active.load(Ordering::Relaxed) {
+            return None;
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut state =
-            self.seed.load(Ordering::Relaxed) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let keep = 1.0 - self.p;
-        let mask: Vec<f32> = (0..xs.elem_count())
+        Some(DropoutDraw {
+            state: self.seed.load(Ordering::Relaxed) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            keep: 1.0 - self.p,
+        })
+    }
+}
+
+/// One layer's dropout mask, kept as the seed that draws it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct DropoutDraw {
+    state: u64,
+    keep: f32,
+}
+
+impl DropoutDraw {
+    /// `n` multipliers: `1/keep` for kept elements, 0 for dropped ones.
+    pub(crate) fn mask(self, n: usize) -> Vec<f32> {
+        let mut state = self.state;
+        (0..n)
             .map(|_| {
                 let u = (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
-                if u < keep {
-                    1.0 / keep
+                if u < self.keep {
+                    1.0 / self.keep
                 } else {
                     0.0
                 }
             })
-            .collect();
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs * mask
+            .collect()
     }
 }
 

@@ -18,6 +18,9 @@ pub struct Recompute {
     ids: Tensor,
     /// The input of every layer, then the input of the final norm; all detached.
     inputs: Vec<Tensor>,
+    /// Where each layer's LoRA dropout masks started, so that its recomputation draws the
+    /// same masks.
+    dropout_positions: Vec<Option<u64>>,
 }
 
 impl CausalLm {
@@ -32,8 +35,10 @@ impl CausalLm {
         let step = self.step(b, seq, 0, &options, false)?;
         let mut inputs = Vec::with_capacity(self.layers.len() + 1);
         let mut xs = self.embed(ids)?.detach();
+        let mut dropout_positions = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             inputs.push(xs.clone());
+            dropout_positions.push(layer.lora_dropout().map(|d| d.position()));
             xs = layer.forward(&xs, &step, &mut None)?.detach();
         }
         inputs.push(xs.clone());
@@ -43,6 +48,7 @@ impl CausalLm {
             Recompute {
                 ids: ids.clone(),
                 inputs,
+                dropout_positions,
             },
         ))
     }
@@ -85,7 +91,16 @@ impl CausalLm {
             &|x| self.norm.forward(x, Mode::Differentiable),
             &mut on_grads,
         )?;
-        for (layer, input) in self.layers.iter().zip(layer_inputs).rev() {
+        for ((layer, input), position) in self
+            .layers
+            .iter()
+            .zip(layer_inputs)
+            .zip(&saved.dropout_positions)
+            .rev()
+        {
+            if let (Some(dropout), Some(position)) = (layer.lora_dropout(), position) {
+                dropout.rewind(*position);
+            }
             grad = pull_back(
                 input,
                 &grad,

@@ -79,11 +79,11 @@ pub(crate) struct Attention {
     pub(crate) o_proj: Linear,
     pub(crate) q_norm: Option<RmsNorm>,
     pub(crate) k_norm: Option<RmsNorm>,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
-    sliding_window: Option<usize>,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) scale: f64,
+    pub(crate) sliding_window: Option<usize>,
     local_rope: bool,
     /// q, k and v stacked into one quantized layer (inference on the CPU kernels).
     pub(crate) qkv: Option<Linear>,
@@ -279,6 +279,28 @@ impl DecoderLayer {
         })
     }
 
+    /// q, k, v, o, gate, up, down: the order a forward pass runs them in.
+    pub(crate) fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// The LoRA dropout of the layer's adapters, if any.
+    pub(crate) fn lora_dropout(&self) -> Option<&std::sync::Arc<crate::lora::LoraDropout>> {
+        self.linears().into_iter().find_map(|linear| match linear {
+            Linear::Lora(lora) => lora.dropout.as_ref(),
+            _ => None,
+        })
+    }
+
     pub(crate) fn forward(
         &self,
         xs: &Tensor,
@@ -326,7 +348,7 @@ pub struct CausalLm {
     pub(crate) layers: Vec<DecoderLayer>,
     pub(crate) norm: RmsNorm,
     pub(crate) lm_head: Linear,
-    rotary: Rotary,
+    pub(crate) rotary: Rotary,
     local_rotary: Option<Rotary>,
     pub(crate) dtype: DType,
     pub(crate) device: Device,

@@ -2,11 +2,13 @@
 //! computed on the scored positions only, gradient accumulation and clipping, AdamW with a
 //! schedule, evaluation with early stopping, checkpoints that resume to the same curve.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 use medcoder_models::layers::Mode;
+use medcoder_models::lora_train_cpu::{self, ScoredBatch};
 use medcoder_models::transformer::compute_pool;
 use medcoder_models::{CausalLm, LoadedModel};
 use medcoder_store::Store;
@@ -570,6 +572,36 @@ fn cross_entropy_sum(
 /// backward pass of `Σ hidden · grad`, or layer by layer with recomputation (`checkpointing`,
 /// which keeps one layer's activations at a time).
 pub fn batch_loss_and_grads(
+    lm: &CausalLm,
+    batch: &PaddedBatch,
+    total_targets: f64,
+    vars: &[Var],
+    device: &Device,
+    checkpointing: bool,
+) -> Result<(f64, Vec<Option<Tensor>>), TrainError> {
+    if lora_train_cpu::unsupported_reason(lm).is_none() {
+        // The hand-written CPU pass: same gradients, no autograd graph.
+        let scored = ScoredBatch {
+            ids: &batch.ids,
+            rows: batch.rows,
+            len: batch.len,
+            positions: &batch.positions,
+            targets: &batch.targets,
+        };
+        let out = lora_train_cpu::loss_and_grads(lm, &scored, total_targets, checkpointing)?;
+        let mut by_id: HashMap<TensorId, Tensor> = out.grads.into_iter().collect();
+        let grads = vars
+            .iter()
+            .map(|var| by_id.remove(&var.as_tensor().id()))
+            .collect();
+        return Ok((out.loss_sum, grads));
+    }
+    autograd_loss_and_grads(lm, batch, total_targets, vars, device, checkpointing)
+}
+
+/// [`batch_loss_and_grads`] through candle's autograd: every family, dtype and device, and
+/// full fine-tuning.
+pub fn autograd_loss_and_grads(
     lm: &CausalLm,
     batch: &PaddedBatch,
     total_targets: f64,

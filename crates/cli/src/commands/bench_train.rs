@@ -291,13 +291,15 @@ pub fn run_measurement(
         losses.push(sum / targets);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let kernels = match medcoder_models::lora_train_cpu::unsupported_reason(&lm) {
+        None => "cpu pass",
+        Some(_) => "autograd",
+    };
     let speed = StepSpeed {
-        who: if checkpointing {
-            "medcoder (ckpt)"
-        } else {
-            "medcoder"
-        }
-        .into(),
+        who: format!(
+            "medcoder ({kernels}{})",
+            if checkpointing { ", ckpt" } else { "" }
+        ),
         dtype: "float32".into(),
         tokens_per_s: (batch * seq * steps) as f64 / elapsed,
         step_s: elapsed / steps as f64,

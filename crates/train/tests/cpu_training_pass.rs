@@ -1,0 +1,147 @@
+//! The hand-written CPU training pass (`medcoder_models::lora_train_cpu`) against candle's
+//! autograd on the tiny random checkpoints: the same loss and the same LoRA gradients, with
+//! and without dropout and gradient checkpointing, on sequences long enough to span several
+//! attention blocks.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use medcoder_models::loader::load_hf_dir;
+use medcoder_models::lora_train_cpu::unsupported_reason;
+use medcoder_models::CausalLm;
+use medcoder_train::config::LossOn;
+use medcoder_train::data::{pad_batch, Example, PaddedBatch};
+use medcoder_train::trainable::{make_trainable, Trainable};
+use medcoder_train::trainer::{autograd_loss_and_grads, batch_loss_and_grads};
+use medcoder_train::TrainConfig;
+
+fn load(family: &str) -> CausalLm {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/tests/fixtures/tiny")
+        .join(family);
+    load_hf_dir(&dir, &Device::Cpu, DType::F32).unwrap().0
+}
+
+fn lora(lm: &mut CausalLm, dropout: f64) -> Trainable {
+    let config = TrainConfig::from_yaml(
+        &format!(
+            "model: tiny\ndb: none.duckdb\ndataset: none\noutput_dir: none\n\
+             lora: {{r: 4, alpha: 8, dropout: {dropout}}}\n"
+        ),
+        &[],
+        "test",
+    )
+    .unwrap();
+    let trainable = make_trainable(lm, &config, false).unwrap();
+    // B starts at zero, which would leave A without gradient.
+    for (name, var) in &trainable.vars {
+        if name.contains("lora_B") {
+            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    trainable
+}
+
+/// A 100-token row (two 64-query attention blocks) and a 37-token one, right-padded.
+fn batch() -> PaddedBatch {
+    let mut state = 11u64;
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| (medcoder_models::lora::splitmix64(&mut state) % 120) as u32 + 3)
+            .collect()
+    };
+    let a = Example {
+        doc_id: "a".into(),
+        ids: ids(100),
+        prompt_len: 30,
+    };
+    let b = Example {
+        doc_id: "b".into(),
+        ids: ids(37),
+        prompt_len: 5,
+    };
+    pad_batch(&[&a, &b], 0, LossOn::Completion)
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn the_cpu_pass_has_candle_autograds_loss_and_gradients() {
+    for family in ["llama", "qwen2"] {
+        for dropout in [0.0, 0.2] {
+            let mut lm = load(family);
+            let trainable = lora(&mut lm, dropout);
+            assert_eq!(unsupported_reason(&lm), None, "{family}");
+            let vars: Vec<Var> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
+            let batch = batch();
+            let n = batch.targets.len() as f64;
+            let reseed = || {
+                if let Some(d) = &trainable.dropout {
+                    d.set_active(true);
+                    d.reseed(42);
+                }
+            };
+            reseed();
+            let (want_loss, want) =
+                autograd_loss_and_grads(&lm, &batch, n, &vars, &Device::Cpu, false).unwrap();
+            // The CPU pass plain and checkpointed, and autograd checkpointed (whose
+            // recomputed layers must draw the dropout masks of their first pass).
+            for (path, checkpointing) in [("cpu", false), ("cpu", true), ("autograd", true)] {
+                reseed();
+                let run = match path {
+                    "cpu" => batch_loss_and_grads,
+                    _ => autograd_loss_and_grads,
+                };
+                let (loss, got) = run(&lm, &batch, n, &vars, &Device::Cpu, checkpointing).unwrap();
+                let case =
+                    format!("{family}, {path}, dropout {dropout}, checkpointing {checkpointing}");
+                assert!(
+                    (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                    "{case}: loss {loss} vs {want_loss}"
+                );
+                for ((name, _), (w, g)) in trainable.vars.iter().zip(want.iter().zip(&got)) {
+                    let (w, g) = (
+                        w.as_ref().unwrap(),
+                        g.as_ref()
+                            .unwrap_or_else(|| panic!("{case}: {name} got no gradient")),
+                    );
+                    let scale = max_abs(w);
+                    let diff = max_abs(&(w - g).unwrap());
+                    assert!(
+                        scale > 0.0 && diff <= 2e-4 * scale,
+                        "{case}: {name} differs by {diff} (max {scale})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn families_and_modes_the_cpu_pass_does_not_cover_fall_back_to_autograd() {
+    for family in ["qwen3", "gemma3"] {
+        let mut lm = load(family);
+        lora(&mut lm, 0.0);
+        assert!(unsupported_reason(&lm).is_some(), "{family}");
+    }
+    let mut lm = load("llama");
+    let config = TrainConfig::from_yaml(
+        "model: tiny\ndb: none.duckdb\ndataset: none\noutput_dir: none\nmethod: full\n",
+        &[],
+        "test",
+    )
+    .unwrap();
+    make_trainable(&mut lm, &config, false).unwrap();
+    assert!(unsupported_reason(&lm).is_some(), "full fine-tuning");
+}
