@@ -58,6 +58,11 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Fold a LoRA adapter into its base model and write a full HF-layout model (16-bit).
     Merge(commands::merge::MergeArgs),
+    /// Code notes: ranked ICD-10-CM diagnoses and ICD-10-PCS procedures with evidence.
+    Code(commands::code::CodeArgs),
+    /// Score predictions against gold codes: micro/macro F1, MAP, top-k, by category and
+    /// chapter; a Markdown and JSON report.
+    Eval(commands::eval::EvalArgs),
     /// Benchmarks, each side by side with its floor or anchor in the same run.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -81,6 +86,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args, &home),
         Command::Train(args) => commands::train::run(args, &home),
         Command::Merge(args) => commands::merge::run(args, &home),
+        Command::Code(args) => commands::code::run(args, &home),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd, &home),
     };
     match result {

@@ -11,6 +11,8 @@ pub mod assets;
 pub mod bench;
 pub mod bench_generate;
 pub mod bench_train;
+pub mod code;
+pub mod eval;
 pub mod generate;
 pub mod icd;
 pub mod merge;

@@ -1,0 +1,377 @@
+//! `medcoder code`: a note (file or stdin), a JSONL batch, or a split of a prepared dataset in;
+//! ranked ICD-10-CM diagnoses and ICD-10-PCS procedures with evidence out.
+//!
+//! Note text is never logged: progress and errors name notes by id, file and line.
+
+use std::collections::HashSet;
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context};
+use medcoder_assets::MedcoderHome;
+use medcoder_coding::lexical::Lexicon;
+use medcoder_coding::prediction::read_predictions;
+use medcoder_coding::retrieval::{LabelledNote, RetrievalIndex};
+use medcoder_coding::{CodeKind, NotePrediction};
+use medcoder_icd::IcdKnowledge;
+use medcoder_store::{Split, Store};
+use rayon::prelude::*;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    /// A readable table per note.
+    Table,
+    /// One JSON object per note.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CodeArgs {
+    /// A note: a UTF-8 text file, or `-` for standard input.
+    input: Option<PathBuf>,
+    /// A JSONL file of notes to code, one `{"id": …, "text": …}` per line.
+    #[arg(long, conflicts_with = "input")]
+    batch: Option<PathBuf>,
+    /// Code the notes of this split of the prepared dataset instead (e.g. `dev`).
+    #[arg(long, conflicts_with_all = ["input", "batch"])]
+    split: Option<String>,
+    /// Where batch predictions go (JSONL). Appended to: notes already in it are skipped, so
+    /// an interrupted run continues where it stopped.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The coding engine (`retrieval`; `llm` and `openai` are not built yet).
+    #[arg(long, default_value = "retrieval")]
+    engine: String,
+    /// The prepared database the retrieval engine is fitted from (`medcoder prepare`).
+    #[arg(long)]
+    db: PathBuf,
+    /// The dataset in it.
+    #[arg(long)]
+    dataset: String,
+    /// Splits whose labelled notes the engine is fitted on.
+    #[arg(long, value_delimiter = ',', default_value = "train")]
+    fit_splits: Vec<String>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+    /// Codes per kind shown in the table.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Also write CodiEsp's TSV layout (`<dir>/{D,P}.tsv`: id, code, in rank order), which the
+    /// official evaluation script reads.
+    #[arg(long)]
+    codiesp_out: Option<PathBuf>,
+}
+
+/// A line of a batch file.
+#[derive(Debug, Deserialize)]
+struct BatchNote {
+    id: String,
+    text: String,
+}
+
+pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
+    if args.engine != "retrieval" {
+        bail!(
+            "unknown or unavailable engine `{}`: this build has `retrieval` (the `llm` and `openai` engines are not built yet)",
+            args.engine
+        );
+    }
+    let kb = match IcdKnowledge::load(home) {
+        Ok(kb) => Some(kb),
+        Err(error) => {
+            tracing::warn!(%error, "no ICD knowledge base (run `medcoder assets fetch`): no lexical matching, descriptions or evidence");
+            None
+        }
+    };
+    let lexicon = kb.as_ref().map(|kb| kb as &dyn Lexicon);
+    let index = retrieval_index(&args.db, &args.dataset, &args.fit_splits, lexicon)?;
+    let describe = |code: &str, _kind: CodeKind| -> Option<(String, bool)> {
+        let info = kb.as_ref()?.lookup(code).ok()?;
+        Some((info.description, info.billable))
+    };
+    if let Some(input) = &args.input {
+        let (id, text) = read_note(input)?;
+        let prediction = index.predict(&id, &text, &describe, lexicon);
+        match args.format {
+            OutputFormat::Json => super::print_json(&prediction)?,
+            OutputFormat::Table => print_table(&prediction, args.top)?,
+        }
+        if let Some(dir) = &args.codiesp_out {
+            write_codiesp(dir, std::slice::from_ref(&prediction))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let notes: Vec<BatchNote> = match (&args.batch, &args.split) {
+        (Some(file), _) => read_batch(file)?,
+        (None, Some(split)) => split_notes(&args.db, &args.dataset, split)?,
+        (None, None) => bail!("give a note file (or `-`), --batch FILE or --split NAME"),
+    };
+    let Some(out) = &args.out else {
+        bail!("batch coding needs --out FILE (JSONL)")
+    };
+    let done: HashSet<String> = if out.exists() {
+        read_predictions(out)?.into_iter().map(|p| p.id).collect()
+    } else {
+        HashSet::new()
+    };
+    let todo: Vec<&BatchNote> = notes.iter().filter(|n| !done.contains(&n.id)).collect();
+    tracing::info!(
+        notes = notes.len(),
+        already_coded = notes.len() - todo.len(),
+        out = %out.display(),
+        "coding"
+    );
+    let file = fs_err::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)?;
+    let writer = Mutex::new(std::io::BufWriter::new(file));
+    let bar = indicatif::ProgressBar::new(todo.len() as u64);
+    let failures = Mutex::new(Vec::new());
+    todo.par_iter().for_each(|note| {
+        let result = (|| -> anyhow::Result<()> {
+            if note.text.trim().is_empty() {
+                bail!("empty text");
+            }
+            let prediction = index.predict(&note.id, &note.text, &describe, lexicon);
+            let line = serde_json::to_string(&prediction)?;
+            let mut w = writer
+                .lock()
+                .map_err(|_| anyhow::anyhow!("writer poisoned"))?;
+            writeln!(w, "{line}")?;
+            Ok(())
+        })();
+        if let Err(error) = result {
+            if let Ok(mut f) = failures.lock() {
+                f.push(format!("note {}: {error:#}", note.id));
+            }
+        }
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    writer
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("writer poisoned"))?
+        .flush()?;
+    let failures = failures.into_inner().unwrap_or_default();
+    for failure in &failures {
+        eprintln!("skipped {failure}");
+    }
+    if let Some(dir) = &args.codiesp_out {
+        write_codiesp(dir, &read_predictions(out)?)?;
+    }
+    outln!(
+        "coded {} notes ({} already in {}), {} skipped",
+        todo.len() - failures.len(),
+        done.len(),
+        out.display(),
+        failures.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The fitted index, from its cache beside the database when that was fitted on the same notes.
+fn retrieval_index(
+    db: &Path,
+    dataset: &str,
+    fit_splits: &[String],
+    lexicon: Option<&dyn Lexicon>,
+) -> anyhow::Result<RetrievalIndex> {
+    let splits: Vec<Split> = fit_splits
+        .iter()
+        .map(|s| s.parse::<Split>())
+        .collect::<Result<_, _>>()?;
+    let store = Store::open(db)?;
+    let names: Vec<&str> = splits.iter().map(|s| s.as_str()).collect();
+    let mut notes = Vec::new();
+    store.for_each_coding_batch(dataset, false, 512, |batch| {
+        notes.extend(
+            batch
+                .into_iter()
+                .filter(|e| e.split.as_deref().is_some_and(|s| names.contains(&s)))
+                .map(|e| LabelledNote {
+                    id: e.doc_id,
+                    text: e.text,
+                    diagnoses: e.diagnoses,
+                    procedures: e.procedures,
+                }),
+        );
+        Ok(())
+    })?;
+    notes.sort_by(|a, b| a.id.cmp(&b.id));
+    let cache = db.with_file_name(format!(
+        "{}.retrieval.{dataset}.{}.json",
+        db.file_stem().and_then(|s| s.to_str()).unwrap_or("db"),
+        names.join("+")
+    ));
+    // The lexical part is calibrated only when fitted with a code set.
+    let fingerprint = format!(
+        "{}{}",
+        RetrievalIndex::fingerprint_of(&notes),
+        if lexicon.is_some() { "+lexical" } else { "" }
+    );
+    if let Ok(text) = fs_err::read_to_string(&cache) {
+        match RetrievalIndex::from_json(&text) {
+            Ok(index) if index.fingerprint == fingerprint => {
+                tracing::info!(cache = %cache.display(), "retrieval index from cache");
+                return Ok(index);
+            }
+            _ => tracing::info!(cache = %cache.display(), "retrieval cache stale: refitting"),
+        }
+    }
+    let fitted_on = format!("{dataset} {} ({} notes)", names.join("+"), notes.len());
+    let mut index = RetrievalIndex::fit(&notes, fitted_on, lexicon).with_context(|| {
+        format!(
+            "fitting the retrieval engine on {} of {}",
+            names.join("+"),
+            db.display()
+        )
+    })?;
+    index.fingerprint = fingerprint;
+    tracing::info!(calibration = ?index.calibration, "retrieval index fitted");
+    medcoder_train::atomic::write_file(&cache, index.to_json()?.as_bytes())?;
+    Ok(index)
+}
+
+/// A note from a file or stdin: (id, text). Binary, non-UTF-8, PDF and empty input are refused.
+fn read_note(input: &Path) -> anyhow::Result<(String, String)> {
+    let (id, bytes) = if input == Path::new("-") {
+        let mut bytes = Vec::new();
+        std::io::stdin().read_to_end(&mut bytes)?;
+        ("stdin".to_string(), bytes)
+    } else {
+        let id = input
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("note")
+            .to_string();
+        (id, fs_err::read(input)?)
+    };
+    if bytes.starts_with(b"%PDF") {
+        bail!(
+            "{}: a PDF; this build reads UTF-8 text notes only (extract the text first)",
+            input.display()
+        );
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            input.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.contains('\0') {
+        bail!("{}: binary data, not a text note", input.display());
+    }
+    if text.trim().is_empty() {
+        bail!("{}: the note is empty", input.display());
+    }
+    Ok((id, text))
+}
+
+fn read_batch(file: &Path) -> anyhow::Result<Vec<BatchNote>> {
+    let reader = std::io::BufReader::new(fs_err::File::open(file)?);
+    let mut notes = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("{} line {}", file.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<BatchNote>(&line) {
+            Ok(note) if !seen.insert(note.id.clone()) => {
+                eprintln!(
+                    "skipped {} line {}: duplicate id {}",
+                    file.display(),
+                    i + 1,
+                    note.id
+                )
+            }
+            Ok(note) => notes.push(note),
+            Err(error) => eprintln!(
+                "skipped {} line {}: {error} (each line must be {{\"id\": …, \"text\": …}})",
+                file.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(notes)
+}
+
+fn split_notes(db: &Path, dataset: &str, split: &str) -> anyhow::Result<Vec<BatchNote>> {
+    let split = split.parse::<Split>()?.as_str();
+    let store = Store::open(db)?;
+    let mut notes = Vec::new();
+    store.for_each_coding_batch(dataset, false, 512, |batch| {
+        notes.extend(
+            batch
+                .into_iter()
+                .filter(|e| e.split.as_deref() == Some(split))
+                .map(|e| BatchNote {
+                    id: e.doc_id,
+                    text: e.text,
+                }),
+        );
+        Ok(())
+    })?;
+    if notes.is_empty() {
+        bail!(
+            "{dataset} in {} has no notes with text in split {split}",
+            db.display()
+        );
+    }
+    notes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(notes)
+}
+
+fn print_table(p: &NotePrediction, top: usize) -> anyhow::Result<()> {
+    outln!("note {} · {} · {:.1} ms", p.id, p.model, p.elapsed_ms);
+    for kind in CodeKind::BOTH {
+        outln!(
+            "\n{:<4} {:<9} {:>5} {:<8} {}",
+            "rank",
+            kind.as_str(),
+            "conf",
+            "assigned",
+            "description / evidence"
+        );
+        for c in p.ranking(kind).iter().take(top) {
+            outln!(
+                "{:<4} {:<9} {:>5.2} {:<8} {}",
+                c.rank,
+                c.code,
+                c.confidence,
+                if c.assigned { "yes" } else { "" },
+                c.description
+                    .as_deref()
+                    .unwrap_or("(not in the US code set)")
+            );
+            for e in &c.evidence {
+                outln!("{:<29} [{}..{}] \"{}\"", "", e.start, e.end, e.text);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CodiEsp's submission layout: `D.tsv` and `P.tsv`, `id<TAB>code` in rank order.
+fn write_codiesp(dir: &Path, predictions: &[NotePrediction]) -> anyhow::Result<()> {
+    fs_err::create_dir_all(dir)?;
+    for (kind, name) in [
+        (CodeKind::Diagnosis, "D.tsv"),
+        (CodeKind::Procedure, "P.tsv"),
+    ] {
+        let mut text = String::new();
+        for p in predictions {
+            for c in p.ranking(kind) {
+                // CodiEsp writes codes lower-case, CM codes with their dot.
+                text += &format!("{}\t{}\n", p.id, c.code.to_lowercase());
+            }
+        }
+        medcoder_train::atomic::write_file(&dir.join(name), text.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! `medcoder eval`: predictions (`medcoder code` JSONL) against gold codes from a prepared
+//! database or a JSONL file; a Markdown and JSON report.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use medcoder_coding::eval::{evaluate, markdown, EvalContext, GoldNote};
+use medcoder_coding::prediction::read_predictions;
+use medcoder_store::{Split, Store};
+use serde::Deserialize;
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Predictions: JSONL from `medcoder code`.
+    #[arg(long)]
+    pred: PathBuf,
+    /// Gold codes: a prepared database (`.duckdb`), or a JSONL file of
+    /// `{"id", "diagnoses": [...], "procedures": [...]}` lines.
+    #[arg(long)]
+    gold: PathBuf,
+    /// The dataset in the database.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// The split scored (database gold only).
+    #[arg(long, default_value = "validation")]
+    split: String,
+    /// The training split, for recall on codes unseen in training (database gold only).
+    #[arg(long, default_value = "train")]
+    training_split: String,
+    /// Write report.md and report.json here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GoldLine {
+    id: String,
+    #[serde(default)]
+    diagnoses: Vec<String>,
+    #[serde(default)]
+    procedures: Vec<String>,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let predictions = read_predictions(&args.pred)?;
+    let is_db = matches!(
+        args.gold.extension().and_then(|e| e.to_str()),
+        Some("duckdb" | "db")
+    );
+    let (gold, training_codes) = if is_db {
+        let Some(dataset) = &args.dataset else {
+            bail!("--dataset is needed with a database as --gold")
+        };
+        gold_from_db(&args.gold, dataset, &args.split, &args.training_split)?
+    } else {
+        (gold_from_jsonl(&args.gold)?, None)
+    };
+    if gold.is_empty() {
+        bail!("no gold notes in {}", args.gold.display());
+    }
+    let ctx = EvalContext {
+        training_codes: training_codes.as_ref(),
+        is_valid: None,
+    };
+    let report = evaluate(&predictions, &gold, &ctx);
+    let title = format!(
+        "{} on {}{}",
+        args.pred.display(),
+        args.gold.display(),
+        if is_db {
+            format!(
+                " ({} {})",
+                args.dataset.as_deref().unwrap_or(""),
+                args.split
+            )
+        } else {
+            String::new()
+        }
+    );
+    let md = markdown(&report, &title);
+    if let Some(dir) = &args.report {
+        fs_err::create_dir_all(dir)?;
+        medcoder_train::atomic::write_file(&dir.join("report.md"), md.as_bytes())?;
+        medcoder_train::atomic::write_file(
+            &dir.join("report.json"),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+    }
+    outln!("{md}");
+    Ok(ExitCode::SUCCESS)
+}
+
+type Gold = (Vec<GoldNote>, Option<HashSet<String>>);
+
+fn gold_from_db(db: &Path, dataset: &str, split: &str, training: &str) -> anyhow::Result<Gold> {
+    let (split, training) = (
+        split.parse::<Split>()?.as_str(),
+        training.parse::<Split>()?.as_str(),
+    );
+    let store = Store::open(db)?;
+    let mut gold = Vec::new();
+    let mut training_codes = HashSet::new();
+    store.for_each_coding_batch(dataset, false, 512, |batch| {
+        for e in batch {
+            match e.split.as_deref() {
+                Some(s) if s == split => gold.push(GoldNote {
+                    id: e.doc_id,
+                    diagnoses: e.diagnoses,
+                    procedures: e.procedures,
+                }),
+                Some(s) if s == training => {
+                    training_codes.extend(e.diagnoses.into_iter().chain(e.procedures))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })?;
+    Ok((gold, (!training_codes.is_empty()).then_some(training_codes)))
+}
+
+fn gold_from_jsonl(file: &Path) -> anyhow::Result<Vec<GoldNote>> {
+    let reader = std::io::BufReader::new(fs_err::File::open(file)?);
+    let mut gold = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let g: GoldLine = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}", file.display(), i + 1))?;
+        gold.push(GoldNote {
+            id: g.id,
+            diagnoses: g.diagnoses.iter().map(|c| normalize(c)).collect(),
+            procedures: g.procedures.iter().map(|c| normalize(c)).collect(),
+        });
+    }
+    Ok(gold)
+}
+
+/// Codes as the store keeps them: upper case (CodiEsp's files are lower case).
+fn normalize(code: &str) -> String {
+    code.trim().to_uppercase()
+}

@@ -1,0 +1,261 @@
+//! `medcoder code` and `medcoder eval` end to end on a small CodiEsp-layout corpus the test
+//! writes: the retrieval engine fitted on train codes dev, resumes, writes CodiEsp TSVs, and
+//! eval scores it; bad input fails naming what is wrong, and a bad batch line is skipped.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use support::medcoder;
+
+/// Three kinds of case report, each with its codes; `n` variations of each.
+fn cases(n: usize, offset: usize) -> Vec<Value> {
+    let themes = [
+        (
+            "Type 2 diabetes mellitus with poor glycemic control and polyuria; metformin was started.",
+            vec!["e11.9"],
+            vec![],
+        ),
+        (
+            "Community acquired pneumonia of the right lower lobe with fever and productive cough; chest radiograph showed consolidation.",
+            vec!["j18.9", "r50.9"],
+            vec!["bw03zzz"],
+        ),
+        (
+            "Fracture of the femoral neck after a fall at home; hip replacement surgery was performed.",
+            vec!["s72.009a", "w19.xxxa"],
+            vec!["0sr9019"],
+        ),
+    ];
+    let mut out = Vec::new();
+    for i in 0..n {
+        for (t, (text, dx, px)) in themes.iter().enumerate() {
+            out.push(json!({
+                "id": format!("case-{}-{t}", i + offset),
+                "text_en": format!("Case {}. A patient of {} years. {text}", i + offset, 40 + i),
+                "text_es": "",
+                "diagnoses": dx,
+                "procedures": px,
+                "evidence": [],
+            }));
+        }
+    }
+    out
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, src) = (tmp.path().join("home"), tmp.path().join("codiesp"));
+    std::fs::create_dir_all(&src).unwrap();
+    write_jsonl(&src.join("codiesp_train.jsonl"), &cases(5, 0));
+    write_jsonl(&src.join("codiesp_dev.jsonl"), &cases(2, 100));
+    let db = tmp.path().join("c.duckdb");
+    let db_s = db.to_str().unwrap();
+    let run = medcoder(
+        &home,
+        &[
+            "prepare",
+            "codiesp",
+            "--src",
+            src.to_str().unwrap(),
+            "--db",
+            db_s,
+            "--lang",
+            "en",
+        ],
+        None,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let preds = tmp.path().join("preds.jsonl");
+    let tsv = tmp.path().join("tsv");
+    let code_args = [
+        "code",
+        "--db",
+        db_s,
+        "--dataset",
+        "codiesp",
+        "--split",
+        "dev",
+        "--out",
+        preds.to_str().unwrap(),
+        "--codiesp-out",
+        tsv.to_str().unwrap(),
+    ];
+    let run = medcoder(&home, &code_args, None);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("coded 6 notes"), "{}", run.stdout);
+    let lines: Vec<Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    let pneumonia = lines.iter().find(|l| l["id"] == "case-100-1").unwrap();
+    assert_eq!(pneumonia["diagnoses"][0]["assigned"], true);
+    let top: Vec<&str> = pneumonia["diagnoses"].as_array().unwrap()[..2]
+        .iter()
+        .map(|c| c["code"].as_str().unwrap())
+        .collect();
+    assert!(top.contains(&"J18.9") && top.contains(&"R50.9"), "{top:?}");
+    assert_eq!(pneumonia["procedures"][0]["code"], "BW03ZZZ");
+    // CodiEsp's layout: id<TAB>code, lower case, in rank order.
+    let d_tsv = std::fs::read_to_string(tsv.join("D.tsv")).unwrap();
+    assert!(d_tsv.lines().any(|l| l == "case-100-1\tj18.9"), "{d_tsv}");
+    // The cached index and the already-coded notes make a re-run a no-op.
+    let run = medcoder(&home, &code_args, None);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("coded 0 notes (6 already"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(std::fs::read_to_string(&preds).unwrap().lines().count(), 6);
+    // Scored against the database's dev split and against a gold JSONL file alike.
+    let report = tmp.path().join("report");
+    let run = medcoder(
+        &home,
+        &[
+            "eval",
+            "--pred",
+            preds.to_str().unwrap(),
+            "--gold",
+            db_s,
+            "--dataset",
+            "codiesp",
+            "--split",
+            "dev",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    let d = &json["kinds"][0];
+    assert_eq!(d["kind"], "diagnosis");
+    assert!(d["code"]["map"].as_f64().unwrap() > 0.99, "{d}");
+    assert!(d["code"]["micro"]["f1"].as_f64().unwrap() > 0.99, "{d}");
+    assert!(std::fs::read_to_string(report.join("report.md"))
+        .unwrap()
+        .contains("| diagnosis | code | 6 |"));
+    let run = medcoder(
+        &home,
+        &[
+            "eval",
+            "--pred",
+            preds.to_str().unwrap(),
+            "--gold",
+            src.join("codiesp_dev.jsonl").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("| diagnosis | code | 6 | 1.000"),
+        "{}",
+        run.stdout
+    );
+
+    // A batch file: a malformed line and an empty note are reported and skipped.
+    let batch = tmp.path().join("batch.jsonl");
+    std::fs::write(
+        &batch,
+        "{\"id\": \"a\", \"text\": \"Pneumonia with fever and cough.\"}\nnot json\n{\"id\": \"b\", \"text\": \" \"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("batch-preds.jsonl");
+    let run = medcoder(
+        &home,
+        &[
+            "code",
+            "--db",
+            db_s,
+            "--dataset",
+            "codiesp",
+            "--batch",
+            batch.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stderr.contains("line 2"), "{}", run.stderr);
+    assert!(run.stderr.contains("note b: empty text"), "{}", run.stderr);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 1);
+
+    // One note on stdin, as JSON; the note's text never reaches the logs.
+    let run = medcoder(
+        &home,
+        &[
+            "-v",
+            "code",
+            "-",
+            "--db",
+            db_s,
+            "--dataset",
+            "codiesp",
+            "--format",
+            "json",
+        ],
+        Some("Secret-Name has type 2 diabetes mellitus with polyuria."),
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(p["diagnoses"][0]["code"], "E11.9");
+    assert!(!run.stderr.contains("Secret-Name"));
+
+    // Bad input: named, non-zero exit.
+    for (input, why) in [("", "empty"), ("%PDF-1.7 binary", "PDF")] {
+        let run = medcoder(
+            &home,
+            &["code", "-", "--db", db_s, "--dataset", "codiesp"],
+            Some(input),
+        );
+        assert_ne!(run.code, Some(0));
+        assert!(run.stderr.contains(why), "{why}: {}", run.stderr);
+    }
+    let latin1 = tmp.path().join("latin1.txt");
+    std::fs::write(&latin1, b"fiebre y tos \xe9").unwrap();
+    let run = medcoder(
+        &home,
+        &[
+            "code",
+            latin1.to_str().unwrap(),
+            "--db",
+            db_s,
+            "--dataset",
+            "codiesp",
+        ],
+        None,
+    );
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("not UTF-8"), "{}", run.stderr);
+    let run = medcoder(
+        &home,
+        &[
+            "code",
+            "-",
+            "--engine",
+            "magic",
+            "--db",
+            db_s,
+            "--dataset",
+            "codiesp",
+        ],
+        Some("x"),
+    );
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("engine `magic`"), "{}", run.stderr);
+}

@@ -1,0 +1,572 @@
+//! Scoring predictions against gold codes, diagnoses and procedures apart: micro and macro
+//! precision/recall/F1 on the assigned codes; MAP on the rankings (CodiEsp's definition, over
+//! every gold note with a note without predictions scoring 0, and as the official script does,
+//! over the notes with predictions only); P/R/F1 of the top k; the same at the 3-character
+//! category level; per chapter; the most frequent errors; recall on codes unseen in training.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::prediction::{CodeKind, NotePrediction};
+
+/// A note's gold codes.
+#[derive(Debug, Clone)]
+pub struct GoldNote {
+    pub id: String,
+    pub diagnoses: Vec<String>,
+    pub procedures: Vec<String>,
+}
+
+impl GoldNote {
+    fn codes(&self, kind: CodeKind) -> &[String] {
+        match kind {
+            CodeKind::Diagnosis => &self.diagnoses,
+            CodeKind::Procedure => &self.procedures,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Prf {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub tp: usize,
+    pub fp: usize,
+    #[serde(rename = "fn")]
+    pub fn_: usize,
+}
+
+impl Prf {
+    fn from_counts(tp: usize, fp: usize, fn_: usize) -> Self {
+        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let (precision, recall) = (ratio(tp, tp + fp), ratio(tp, tp + fn_));
+        let f1 = if precision + recall == 0.0 {
+            0.0
+        } else {
+            2.0 * precision * recall / (precision + recall)
+        };
+        Self {
+            precision,
+            recall,
+            f1,
+            tp,
+            fp,
+            fn_,
+        }
+    }
+}
+
+/// Scores at one granularity (full codes, or their 3-character categories).
+#[derive(Debug, Clone, Serialize)]
+pub struct LevelScores {
+    pub micro: Prf,
+    /// Mean over the codes in gold or predictions of each code's F1.
+    pub macro_f1: f64,
+    pub macro_precision: f64,
+    pub macro_recall: f64,
+    /// Over all gold notes (a note without predictions scores 0).
+    pub map: f64,
+    /// Over gold notes with at least one prediction (what the official CodiEsp script does).
+    pub map_predicted_only: f64,
+    /// (k, micro P/R/F1 of the top k of each ranking)
+    pub at_k: Vec<(usize, Prf)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChapterScores {
+    pub chapter: String,
+    pub gold: usize,
+    pub scores: Prf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KindReport {
+    pub kind: CodeKind,
+    /// Gold notes with at least one code of this kind.
+    pub notes: usize,
+    pub notes_with_predictions: usize,
+    pub code: LevelScores,
+    pub category: LevelScores,
+    pub chapters: Vec<ChapterScores>,
+    pub frequent_false_positives: Vec<(String, usize)>,
+    pub frequent_false_negatives: Vec<(String, usize)>,
+    /// Gold codes never seen in training, and the share of them recalled.
+    pub unseen_in_training: Option<(usize, f64)>,
+    /// Predicted codes (anywhere in a ranking) outside the allowed code set, when one is given.
+    pub invalid_codes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub notes_gold: usize,
+    pub notes_predicted: usize,
+    /// Predicted notes without gold (ignored), and gold notes without a prediction (scored 0).
+    pub predictions_without_gold: usize,
+    pub gold_without_predictions: usize,
+    pub engines: Vec<String>,
+    pub models: Vec<String>,
+    pub kinds: Vec<KindReport>,
+}
+
+/// Whether a code is valid in the code set predictions must come from.
+pub type CodeValidator<'a> = dyn Fn(&str, CodeKind) -> bool + Sync + 'a;
+
+/// What [`evaluate`] may use besides predictions and gold.
+#[derive(Default)]
+pub struct EvalContext<'a> {
+    /// Codes of the training notes, to measure recall on unseen ones.
+    pub training_codes: Option<&'a HashSet<String>>,
+    /// Whether a code is valid in the code set predictions must come from.
+    pub is_valid: Option<&'a CodeValidator<'a>>,
+}
+
+impl std::fmt::Debug for EvalContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvalContext")
+            .field("training_codes", &self.training_codes.map(HashSet::len))
+            .field("is_valid", &self.is_valid.is_some())
+            .finish()
+    }
+}
+
+const TOP_K: [usize; 9] = [1, 3, 5, 10, 15, 20, 25, 30, 50];
+
+pub fn evaluate(
+    predictions: &[NotePrediction],
+    gold: &[GoldNote],
+    ctx: &EvalContext,
+) -> EvalReport {
+    let by_id: HashMap<&str, &NotePrediction> =
+        predictions.iter().map(|p| (p.id.as_str(), p)).collect();
+    let gold_ids: HashSet<&str> = gold.iter().map(|g| g.id.as_str()).collect();
+    let mut engines: Vec<String> = predictions.iter().map(|p| p.engine.clone()).collect();
+    engines.sort();
+    engines.dedup();
+    let mut models: Vec<String> = predictions.iter().map(|p| p.model.clone()).collect();
+    models.sort();
+    models.dedup();
+    let kinds = CodeKind::BOTH
+        .iter()
+        .map(|&kind| kind_report(kind, &by_id, gold, ctx))
+        .collect();
+    EvalReport {
+        notes_gold: gold.len(),
+        notes_predicted: predictions.len(),
+        predictions_without_gold: predictions
+            .iter()
+            .filter(|p| !gold_ids.contains(p.id.as_str()))
+            .count(),
+        gold_without_predictions: gold
+            .iter()
+            .filter(|g| !by_id.contains_key(g.id.as_str()))
+            .count(),
+        engines,
+        models,
+        kinds,
+    }
+}
+
+/// For each gold note of `kind`: (gold codes, ranked codes, assigned codes), mapped by `level`.
+type Rows = Vec<(Vec<String>, Vec<String>, Vec<String>)>;
+
+fn rows(
+    kind: CodeKind,
+    by_id: &HashMap<&str, &NotePrediction>,
+    gold: &[GoldNote],
+    level: fn(&str, CodeKind) -> String,
+) -> Rows {
+    let dedup = |codes: Vec<String>| {
+        let mut seen = HashSet::new();
+        codes
+            .into_iter()
+            .filter(|c| seen.insert(c.clone()))
+            .collect::<Vec<_>>()
+    };
+    gold.iter()
+        .filter(|g| !g.codes(kind).is_empty())
+        .map(|g| {
+            let gold_codes = dedup(g.codes(kind).iter().map(|c| level(c, kind)).collect());
+            let (ranked, assigned) = match by_id.get(g.id.as_str()) {
+                Some(p) => {
+                    let ranking = p.ranking(kind);
+                    (
+                        dedup(ranking.iter().map(|c| level(&c.code, kind)).collect()),
+                        dedup(
+                            ranking
+                                .iter()
+                                .filter(|c| c.assigned)
+                                .map(|c| level(&c.code, kind))
+                                .collect(),
+                        ),
+                    )
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            (gold_codes, ranked, assigned)
+        })
+        .collect()
+}
+
+fn level_scores(rows: &Rows) -> LevelScores {
+    let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+    let mut per_code: HashMap<&str, (usize, usize, usize)> = HashMap::new();
+    for (gold, _, assigned) in rows {
+        for code in assigned {
+            let hit = gold.contains(code);
+            let entry = per_code.entry(code).or_default();
+            if hit {
+                tp += 1;
+                entry.0 += 1;
+            } else {
+                fp += 1;
+                entry.1 += 1;
+            }
+        }
+        for code in gold.iter().filter(|c| !assigned.contains(c)) {
+            fn_ += 1;
+            per_code.entry(code).or_default().2 += 1;
+        }
+    }
+    let n = per_code.len().max(1) as f64;
+    let macro_of = |f: fn(&Prf) -> f64| {
+        per_code
+            .values()
+            .map(|&(tp, fp, fn_)| f(&Prf::from_counts(tp, fp, fn_)))
+            .sum::<f64>()
+            / n
+    };
+    let (mut map_sum, mut predicted, mut predicted_sum) = (0.0, 0usize, 0.0);
+    for (gold, ranked, _) in rows {
+        let ap = average_precision(ranked, gold);
+        map_sum += ap;
+        if !ranked.is_empty() {
+            predicted += 1;
+            predicted_sum += ap;
+        }
+    }
+    let at_k = TOP_K
+        .iter()
+        .map(|&k| {
+            let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+            for (gold, ranked, _) in rows {
+                let top = &ranked[..k.min(ranked.len())];
+                let hits = top.iter().filter(|c| gold.contains(c)).count();
+                tp += hits;
+                fp += top.len() - hits;
+                fn_ += gold.len() - hits;
+            }
+            (k, Prf::from_counts(tp, fp, fn_))
+        })
+        .collect();
+    LevelScores {
+        micro: Prf::from_counts(tp, fp, fn_),
+        macro_f1: macro_of(|p| p.f1),
+        macro_precision: macro_of(|p| p.precision),
+        macro_recall: macro_of(|p| p.recall),
+        map: map_sum / rows.len().max(1) as f64,
+        map_predicted_only: if predicted == 0 {
+            0.0
+        } else {
+            predicted_sum / predicted as f64
+        },
+        at_k,
+    }
+}
+
+/// CodiEsp's average precision: Σ over relevant ranks of precision at that rank, / |gold|.
+pub fn average_precision(ranked: &[String], gold: &[String]) -> f64 {
+    if gold.is_empty() {
+        return 0.0;
+    }
+    let mut hits = 0;
+    let mut sum = 0.0;
+    for (i, code) in ranked.iter().enumerate() {
+        if gold.contains(code) {
+            hits += 1;
+            sum += hits as f64 / (i + 1) as f64;
+        }
+    }
+    sum / gold.len() as f64
+}
+
+fn full_code(code: &str, _: CodeKind) -> String {
+    code.to_string()
+}
+
+/// The 3-character category (CM `E11`, PCS section + body system + operation).
+pub fn category(code: &str, _: CodeKind) -> String {
+    code.chars().filter(|c| *c != '.').take(3).collect()
+}
+
+/// ICD-10-CM chapter by code range, or the PCS section.
+pub fn chapter(code: &str, kind: CodeKind) -> String {
+    if kind == CodeKind::Procedure {
+        return match code.chars().next() {
+            Some('0') => "0 Medical and Surgical",
+            Some('1') => "1 Obstetrics",
+            Some('2') => "2 Placement",
+            Some('3') => "3 Administration",
+            Some('4') => "4 Measurement and Monitoring",
+            Some('5') => "5 Extracorporeal Assistance",
+            Some('6') => "6 Extracorporeal Therapies",
+            Some('7') => "7 Osteopathic",
+            Some('8') => "8 Other Procedures",
+            Some('9') => "9 Chiropractic",
+            Some('B') => "B Imaging",
+            Some('C') => "C Nuclear Medicine",
+            Some('D') => "D Radiation Therapy",
+            Some('F') => "F Physical Rehabilitation",
+            Some('G') => "G Mental Health",
+            Some('H') => "H Substance Abuse",
+            Some('X') => "X New Technology",
+            _ => "other",
+        }
+        .into();
+    }
+    const CHAPTERS: [(&str, &str, &str); 22] = [
+        ("A00", "B99", "01 Infectious"),
+        ("C00", "D49", "02 Neoplasms"),
+        ("D50", "D89", "03 Blood"),
+        ("E00", "E89", "04 Endocrine"),
+        ("F01", "F99", "05 Mental"),
+        ("G00", "G99", "06 Nervous"),
+        ("H00", "H59", "07 Eye"),
+        ("H60", "H95", "08 Ear"),
+        ("I00", "I99", "09 Circulatory"),
+        ("J00", "J99", "10 Respiratory"),
+        ("K00", "K95", "11 Digestive"),
+        ("L00", "L99", "12 Skin"),
+        ("M00", "M99", "13 Musculoskeletal"),
+        ("N00", "N99", "14 Genitourinary"),
+        ("O00", "O9A", "15 Pregnancy"),
+        ("P00", "P96", "16 Perinatal"),
+        ("Q00", "Q99", "17 Congenital"),
+        ("R00", "R99", "18 Symptoms"),
+        ("S00", "T88", "19 Injury"),
+        ("U00", "U85", "22 Special purposes"),
+        ("V00", "Y99", "20 External causes"),
+        ("Z00", "Z99", "21 Factors"),
+    ];
+    let cat = category(code, kind);
+    CHAPTERS
+        .iter()
+        .find(|(lo, hi, _)| cat.as_str() >= *lo && cat.as_str() <= *hi)
+        .map_or("other", |(_, _, name)| name)
+        .to_string()
+}
+
+fn kind_report(
+    kind: CodeKind,
+    by_id: &HashMap<&str, &NotePrediction>,
+    gold: &[GoldNote],
+    ctx: &EvalContext,
+) -> KindReport {
+    let code_rows = rows(kind, by_id, gold, full_code);
+    let category_rows = rows(kind, by_id, gold, category);
+    let mut chapters: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
+    let mut false_pos: HashMap<String, usize> = HashMap::new();
+    let mut false_neg: HashMap<String, usize> = HashMap::new();
+    let (mut unseen, mut unseen_hit) = (0usize, 0usize);
+    for (gold, _, assigned) in &code_rows {
+        for code in assigned {
+            let entry = chapters.entry(chapter(code, kind)).or_default();
+            if gold.contains(code) {
+                entry.0 += 1;
+            } else {
+                entry.1 += 1;
+                *false_pos.entry(code.clone()).or_default() += 1;
+            }
+        }
+        for code in gold {
+            let entry = chapters.entry(chapter(code, kind)).or_default();
+            entry.3 += 1;
+            let hit = assigned.contains(code);
+            if !hit {
+                entry.2 += 1;
+                *false_neg.entry(code.clone()).or_default() += 1;
+            }
+            if ctx.training_codes.is_some_and(|t| !t.contains(code)) {
+                unseen += 1;
+                unseen_hit += usize::from(hit);
+            }
+        }
+    }
+    let top = |counts: HashMap<String, usize>| {
+        let mut v: Vec<(String, usize)> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(15);
+        v
+    };
+    let invalid_codes = ctx.is_valid.map(|valid| {
+        by_id
+            .values()
+            .flat_map(|p| p.ranking(kind))
+            .filter(|c| !valid(&c.code, kind))
+            .count()
+    });
+    KindReport {
+        kind,
+        notes: code_rows.len(),
+        notes_with_predictions: code_rows.iter().filter(|r| !r.1.is_empty()).count(),
+        code: level_scores(&code_rows),
+        category: level_scores(&category_rows),
+        chapters: chapters
+            .into_iter()
+            .map(|(chapter, (tp, fp, fn_, gold))| ChapterScores {
+                chapter,
+                gold,
+                scores: Prf::from_counts(tp, fp, fn_),
+            })
+            .collect(),
+        frequent_false_positives: top(false_pos),
+        frequent_false_negatives: top(false_neg),
+        unseen_in_training: ctx.training_codes.map(|_| {
+            (
+                unseen,
+                if unseen == 0 {
+                    0.0
+                } else {
+                    unseen_hit as f64 / unseen as f64
+                },
+            )
+        }),
+        invalid_codes,
+    }
+}
+
+/// The report as Markdown.
+pub fn markdown(report: &EvalReport, title: &str) -> String {
+    let mut md = format!("# {title}\n\n");
+    md += &format!(
+        "Gold notes: {} · predicted notes: {} · gold notes without a prediction (scored 0): {} · predictions without gold (ignored): {}\n\n",
+        report.notes_gold, report.notes_predicted, report.gold_without_predictions, report.predictions_without_gold
+    );
+    md += &format!(
+        "Engines: {} · models: {}\n\n",
+        report.engines.join(", "),
+        report.models.join("; ")
+    );
+    md += "| kind | level | notes | MAP | MAP (predicted only) | micro P | micro R | micro F1 | macro F1 |\n|---|---|---|---|---|---|---|---|---|\n";
+    for k in &report.kinds {
+        for (level, s) in [("code", &k.code), ("category", &k.category)] {
+            md += &format!(
+                "| {} | {level} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+                k.kind.as_str(),
+                k.notes,
+                s.map,
+                s.map_predicted_only,
+                s.micro.precision,
+                s.micro.recall,
+                s.micro.f1,
+                s.macro_f1
+            );
+        }
+    }
+    for k in &report.kinds {
+        md += &format!("\n## {}\n\n", k.kind.as_str());
+        if let Some((n, recall)) = k.unseen_in_training {
+            md += &format!(
+                "Gold codes unseen in training: {n}, recalled: {:.1}%\n\n",
+                recall * 100.0
+            );
+        }
+        if let Some(invalid) = k.invalid_codes {
+            md += &format!("Predicted codes outside the allowed code set: {invalid}\n\n");
+        }
+        md += "| top k | P | R | F1 |\n|---|---|---|---|\n";
+        for (kk, p) in &k.code.at_k {
+            md += &format!(
+                "| {kk} | {:.3} | {:.3} | {:.3} |\n",
+                p.precision, p.recall, p.f1
+            );
+        }
+        md += "\n| chapter | gold | P | R | F1 |\n|---|---|---|---|---|\n";
+        for c in &k.chapters {
+            md += &format!(
+                "| {} | {} | {:.3} | {:.3} | {:.3} |\n",
+                c.chapter, c.gold, c.scores.precision, c.scores.recall, c.scores.f1
+            );
+        }
+        let list = |v: &[(String, usize)]| {
+            v.iter()
+                .map(|(c, n)| format!("{c} ({n})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        md += &format!(
+            "\nMost frequent false positives: {}\n\nMost frequent false negatives: {}\n",
+            list(&k.frequent_false_positives),
+            list(&k.frequent_false_negatives)
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prediction::CodedItem;
+
+    fn item(code: &str, rank: usize, assigned: bool) -> CodedItem {
+        CodedItem {
+            code: code.into(),
+            rank,
+            confidence: 0.5,
+            assigned,
+            description: None,
+            billable: None,
+            evidence: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn map_counts_missing_predictions_as_zero_and_f1_uses_assigned_codes() {
+        let gold = vec![
+            GoldNote {
+                id: "a".into(),
+                diagnoses: vec!["E11.9".into(), "I10".into()],
+                procedures: vec![],
+            },
+            GoldNote {
+                id: "b".into(),
+                diagnoses: vec!["J18.9".into()],
+                procedures: vec![],
+            },
+        ];
+        let pred = NotePrediction {
+            id: "a".into(),
+            diagnoses: vec![
+                item("I10", 1, true),
+                item("E11.8", 2, true),
+                item("E11.9", 3, false),
+            ],
+            procedures: vec![],
+            engine: "test".into(),
+            model: "m".into(),
+            elapsed_ms: 0.0,
+        };
+        let report = evaluate(&[pred], &gold, &EvalContext::default());
+        let d = &report.kinds[0];
+        // AP(a) = (1/1 + 2/3) / 2; AP(b) = 0 (no prediction)
+        let ap_a = (1.0 + 2.0 / 3.0) / 2.0;
+        assert!((d.code.map - ap_a / 2.0).abs() < 1e-12);
+        assert!((d.code.map_predicted_only - ap_a).abs() < 1e-12);
+        // assigned {I10, E11.8}: tp 1, fp 1, fn 2 (E11.9, J18.9)
+        assert_eq!(
+            (d.code.micro.tp, d.code.micro.fp, d.code.micro.fn_),
+            (1, 1, 2)
+        );
+        // categories: assigned {I10, E11} vs gold {E11, I10} and {J18}
+        assert_eq!((d.category.micro.tp, d.category.micro.fp), (2, 0));
+        assert_eq!(report.gold_without_predictions, 1);
+        assert_eq!(chapter("E11.9", CodeKind::Diagnosis), "04 Endocrine");
+        assert_eq!(
+            chapter("0DTJ4ZZ", CodeKind::Procedure),
+            "0 Medical and Surgical"
+        );
+        let top1 = d.code.at_k[0].1;
+        assert_eq!((top1.tp, top1.fp, top1.fn_), (1, 0, 2));
+    }
+}

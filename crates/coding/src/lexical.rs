@@ -1,0 +1,54 @@
+//! Lexical matching of a note against the ICD-10 code descriptions: each sentence is a query
+//! to the knowledge base's search index (#2: BM25 over descriptions, inclusion terms and
+//! abbreviations); a code's score is the sum over sentences of its hits' scores relative to
+//! each sentence's best. This finds codes no training note carries.
+
+use std::collections::HashMap;
+
+use medcoder_icd::{CodeSystem, IcdKnowledge, SearchFilter};
+
+use crate::text::sentences;
+
+/// Hits kept per sentence and system.
+const HITS_PER_SENTENCE: usize = 3;
+/// Candidates kept per kind.
+const CANDIDATES: usize = 40;
+
+/// Codes with scores, best first.
+pub type Ranked = Vec<(String, f32)>;
+
+/// Codes a note's words point at, per kind (diagnoses, procedures): (code, score in [0, 1]),
+/// best first.
+pub trait Lexicon: Sync {
+    fn candidates(&self, text: &str) -> [Ranked; 2];
+}
+
+impl Lexicon for IcdKnowledge {
+    fn candidates(&self, text: &str) -> [Ranked; 2] {
+        let sentences = sentences(text);
+        [CodeSystem::Cm, CodeSystem::Pcs].map(|system| {
+            let mut scores: HashMap<String, f32> = HashMap::new();
+            let filter = SearchFilter {
+                system: Some(system),
+                billable_only: false,
+            };
+            for sentence in &sentences {
+                let hits = self.search(&sentence.text, HITS_PER_SENTENCE, filter);
+                let Some(best) = hits.first().map(|h| h.score).filter(|s| *s > 0.0) else {
+                    continue;
+                };
+                for hit in hits {
+                    *scores.entry(hit.code).or_default() += hit.score / best;
+                }
+            }
+            let max = scores.values().copied().fold(0.0f32, f32::max);
+            let mut ranked: Vec<(String, f32)> = scores
+                .into_iter()
+                .map(|(code, s)| (code, if max > 0.0 { s / max } else { 0.0 }))
+                .collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            ranked.truncate(CANDIDATES);
+            ranked
+        })
+    }
+}

@@ -1,0 +1,22 @@
+//! Coding: a note in, ranked and validated ICD-10 codes out, with evidence; and the evaluation
+//! of those predictions against gold codes (micro/macro F1, MAP, top-k, by level and chapter).
+
+pub mod eval;
+pub mod lexical;
+pub mod prediction;
+pub mod retrieval;
+pub mod text;
+
+pub use prediction::{CodeKind, CodedItem, EvidenceSpan, NotePrediction};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodingError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{what}: {why}")]
+    Input { what: String, why: String },
+    #[error(transparent)]
+    Store(#[from] medcoder_store::StoreError),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -1,0 +1,98 @@
+//! What an engine returns for one note, as `medcoder code` writes it (one JSON object per note)
+//! and `medcoder eval` reads it back.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::CodingError;
+
+/// A quoted piece of the note supporting a code: `[start, end)` in characters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceSpan {
+    pub start: usize,
+    pub end: usize,
+    pub text: String,
+}
+
+/// One code of a note's ranking.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CodedItem {
+    pub code: String,
+    /// 1-based position in the ranking.
+    pub rank: usize,
+    /// The engine's calibrated score in [0, 1].
+    pub confidence: f32,
+    /// Above the engine's decision threshold: the codes a coder is handed. The whole ranking
+    /// is kept for ranked metrics (MAP, top-k).
+    pub assigned: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<EvidenceSpan>,
+}
+
+/// An engine's answer for one note.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotePrediction {
+    pub id: String,
+    /// ICD-10-CM, ranked.
+    pub diagnoses: Vec<CodedItem>,
+    /// ICD-10-PCS, ranked.
+    pub procedures: Vec<CodedItem>,
+    pub engine: String,
+    /// What produced it (engine settings and the data it was fitted on).
+    pub model: String,
+    pub elapsed_ms: f64,
+}
+
+impl NotePrediction {
+    pub fn ranking(&self, kind: CodeKind) -> &[CodedItem] {
+        match kind {
+            CodeKind::Diagnosis => &self.diagnoses,
+            CodeKind::Procedure => &self.procedures,
+        }
+    }
+}
+
+/// A code's description and billable flag where the code set knows it.
+pub type CodeDescriber<'a> = dyn Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + 'a;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodeKind {
+    Diagnosis,
+    Procedure,
+}
+
+impl CodeKind {
+    pub const BOTH: [CodeKind; 2] = [CodeKind::Diagnosis, CodeKind::Procedure];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Diagnosis => "diagnosis",
+            Self::Procedure => "procedure",
+        }
+    }
+}
+
+/// Predictions from a JSONL file; a malformed line is an error naming the file and line.
+pub fn read_predictions(path: &Path) -> Result<Vec<NotePrediction>, CodingError> {
+    let file = fs_err::File::open(path)?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let prediction = serde_json::from_str(&line).map_err(|e| CodingError::Input {
+            what: format!("{} line {}", path.display(), i + 1),
+            why: e.to_string(),
+        })?;
+        out.push(prediction);
+    }
+    Ok(out)
+}

@@ -1,0 +1,151 @@
+//! Words and sentences of a note with their character offsets (evidence spans point into the
+//! note as the caller gave it), and the stemmed terms retrieval compares notes by.
+
+use rust_stemmers::{Algorithm, Stemmer};
+
+/// A span of the note: `[start, end)` in characters (not bytes), and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+    pub text: String,
+}
+
+/// Words too common in clinical prose to tell notes apart.
+const STOPWORDS: &[&str] = &[
+    "a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "for", "from", "had", "has",
+    "have", "he", "her", "his", "in", "into", "is", "it", "its", "of", "on", "or", "she", "that",
+    "the", "their", "there", "this", "to", "was", "were", "which", "who", "with", "after",
+    "before", "during", "patient", "year", "years", "old", "also", "than", "then", "we", "our",
+    "not", "no", "day", "days",
+];
+
+/// Turns text into the terms notes are compared by: lower-cased, stemmed words of two or more
+/// characters without stopwords, plus adjacent-word pairs (`left_right`).
+pub struct Analyzer {
+    stemmer: Stemmer,
+}
+
+impl std::fmt::Debug for Analyzer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Analyzer(english stems, word pairs)")
+    }
+}
+
+impl Default for Analyzer {
+    fn default() -> Self {
+        Self {
+            stemmer: Stemmer::create(Algorithm::English),
+        }
+    }
+}
+
+impl Analyzer {
+    pub fn terms(&self, text: &str) -> Vec<String> {
+        let words: Vec<String> = words(text)
+            .into_iter()
+            .map(|w| w.text.to_lowercase())
+            .filter(|w| w.chars().count() >= 2 && !STOPWORDS.contains(&w.as_str()))
+            .map(|w| self.stemmer.stem(&w).into_owned())
+            .collect();
+        let pairs = words.windows(2).map(|p| format!("{}_{}", p[0], p[1]));
+        let mut terms = words.clone();
+        terms.extend(pairs);
+        terms
+    }
+
+    /// Stemmed content words only (for matching against code descriptions).
+    pub fn stems(&self, text: &str) -> Vec<String> {
+        self.terms(text)
+            .into_iter()
+            .filter(|t| !t.contains('_'))
+            .collect()
+    }
+}
+
+/// Runs of letters and digits, with offsets.
+pub fn words(text: &str) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (i, c) in text.chars().enumerate() {
+        if c.is_alphanumeric() {
+            current.get_or_insert_with(|| (i, String::new())).1.push(c);
+        } else if let Some((start, word)) = current.take() {
+            out.push(Span {
+                start,
+                end: i,
+                text: word,
+            });
+        }
+    }
+    if let Some((start, word)) = current {
+        let end = start + word.chars().count();
+        out.push(Span {
+            start,
+            end,
+            text: word,
+        });
+    }
+    out
+}
+
+/// Sentences: split after `.`, `!`, `?` or `;` followed by white space, and at line breaks;
+/// trimmed, empty ones dropped.
+pub fn sentences(text: &str) -> Vec<Span> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let push = |s: usize, e: usize, out: &mut Vec<Span>| {
+        let (mut s, mut e) = (s, e);
+        while s < e && chars[s].is_whitespace() {
+            s += 1;
+        }
+        while e > s && chars[e - 1].is_whitespace() {
+            e -= 1;
+        }
+        if e > s {
+            out.push(Span {
+                start: s,
+                end: e,
+                text: chars[s..e].iter().collect(),
+            });
+        }
+    };
+    for i in 0..chars.len() {
+        let boundary = chars[i] == '\n'
+            || (matches!(chars[i], '.' | '!' | '?' | ';')
+                && chars.get(i + 1).is_none_or(|c| c.is_whitespace()));
+        if boundary {
+            push(start, i + 1, &mut out);
+            start = i + 1;
+        }
+    }
+    push(start, chars.len(), &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_in_characters_and_point_at_the_text() {
+        let note = "Émile, 64, had type 2 diabetes.\nNo fever; chest pain.";
+        let chars: Vec<char> = note.chars().collect();
+        for span in sentences(note).iter().chain(&words(note)) {
+            let text: String = chars[span.start..span.end].iter().collect();
+            assert_eq!(text, span.text);
+        }
+        let s: Vec<String> = sentences(note).into_iter().map(|s| s.text).collect();
+        assert_eq!(
+            s,
+            [
+                "Émile, 64, had type 2 diabetes.",
+                "No fever;",
+                "chest pain."
+            ]
+        );
+        let terms = Analyzer::default().terms("The patient had diabetes mellitus");
+        assert_eq!(terms, ["diabet", "mellitus", "diabet_mellitus"]);
+    }
+}
