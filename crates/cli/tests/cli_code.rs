@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use support::medcoder;
@@ -51,30 +51,66 @@ fn write_jsonl(path: &Path, rows: &[Value]) {
     std::fs::write(path, text).unwrap();
 }
 
-#[test]
-fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (home, src) = (tmp.path().join("home"), tmp.path().join("codiesp"));
+/// The corpus imported into `<dir>/c.duckdb`; returns the database and the CodiEsp folder.
+fn prepared_corpus(dir: &Path, home: &Path) -> (PathBuf, PathBuf) {
+    let src = dir.join("codiesp");
     std::fs::create_dir_all(&src).unwrap();
     write_jsonl(&src.join("codiesp_train.jsonl"), &cases(5, 0));
     write_jsonl(&src.join("codiesp_dev.jsonl"), &cases(2, 100));
-    let db = tmp.path().join("c.duckdb");
-    let db_s = db.to_str().unwrap();
+    let db = dir.join("c.duckdb");
+    let args = ["prepare", "codiesp", "--src", src.to_str().unwrap()];
     let run = medcoder(
-        &home,
-        &[
-            "prepare",
-            "codiesp",
-            "--src",
-            src.to_str().unwrap(),
-            "--db",
-            db_s,
-            "--lang",
-            "en",
-        ],
+        home,
+        &[&args[..], &["--db", db.to_str().unwrap(), "--lang", "en"]].concat(),
         None,
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
+    (db, src)
+}
+
+#[test]
+fn with_the_code_set_codes_carry_descriptions_and_evidence() {
+    let Some(home) = support::icd_home() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (db, _) = prepared_corpus(tmp.path(), home.root());
+    let note = "Known type 2 diabetes mellitus. Today she has polyuria.";
+    let db_s = db.to_str().unwrap();
+    let args = [
+        "code",
+        "-",
+        "--db",
+        db_s,
+        "--dataset",
+        "codiesp",
+        "--format",
+        "json",
+    ];
+    let run = medcoder(home.root(), &args, Some(note));
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    let top = &p["diagnoses"][0];
+    assert_eq!(top["code"], "E11.9");
+    assert_eq!(top["billable"], true);
+    assert!(
+        top["description"].as_str().unwrap().contains("diabetes"),
+        "{top}"
+    );
+    let evidence = &top["evidence"][0];
+    let start = evidence["start"].as_u64().unwrap() as usize;
+    let end = evidence["end"].as_u64().unwrap() as usize;
+    let quoted: String = note.chars().skip(start).take(end - start).collect();
+    assert_eq!(quoted, evidence["text"].as_str().unwrap());
+    assert!(quoted.contains("diabetes"), "{quoted}");
+}
+
+#[test]
+fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let (db, src) = prepared_corpus(tmp.path(), &home);
+    let db_s = db.to_str().unwrap();
     let preds = tmp.path().join("preds.jsonl");
     let tsv = tmp.path().join("tsv");
     let code_args = [

@@ -10,9 +10,9 @@ use medcoder_icd::{CodeSystem, IcdKnowledge, SearchFilter};
 use crate::text::sentences;
 
 /// Hits kept per sentence and system.
-const HITS_PER_SENTENCE: usize = 3;
+const HITS_PER_SENTENCE: usize = 5;
 /// Candidates kept per kind.
-const CANDIDATES: usize = 40;
+const CANDIDATES: usize = 60;
 
 /// Codes with scores, best first.
 pub type Ranked = Vec<(String, f32)>;
@@ -32,8 +32,8 @@ impl Lexicon for IcdKnowledge {
                 system: Some(system),
                 billable_only: false,
             };
-            for sentence in &sentences {
-                let hits = self.search(&sentence.text, HITS_PER_SENTENCE, filter);
+            for clause in sentences.iter().flat_map(|s| clauses(&s.text)) {
+                let hits = self.search(clause, HITS_PER_SENTENCE, filter);
                 let Some(best) = hits.first().map(|h| h.score).filter(|s| *s > 0.0) else {
                     continue;
                 };
@@ -51,4 +51,15 @@ impl Lexicon for IcdKnowledge {
             ranked
         })
     }
+}
+
+/// A sentence cut at commas, semicolons, colons, brackets and ` and `: shorter queries match
+/// one finding each instead of whatever code shares the most words with a whole sentence.
+fn clauses(sentence: &str) -> Vec<&str> {
+    sentence
+        .split([',', ';', ':', '(', ')'])
+        .flat_map(|part| part.split(" and "))
+        .map(str::trim)
+        .filter(|c| c.split_whitespace().count() >= 1 && c.len() >= 4)
+        .collect()
 }

@@ -4,6 +4,7 @@
 pub mod eval;
 pub mod lexical;
 pub mod prediction;
+mod rerank;
 pub mod retrieval;
 pub mod text;
 

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::lexical::{Lexicon, Ranked};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, EvidenceSpan, NotePrediction};
+use crate::rerank::{Reranker, Signals};
 use crate::text::{sentences, Analyzer};
 use crate::CodingError;
 
@@ -32,8 +33,9 @@ pub struct LabelledNote {
 pub struct Calibration {
     pub neighbours: usize,
     pub power: f32,
-    /// Weight of the lexical match against code descriptions, per kind (0 without a lexicon).
-    pub lexical_weights: [f32; 2],
+    /// Whether diagnoses and procedures are ranked by the reranker fusing the vote with the
+    /// lexical match against code descriptions (kept only where it raised leave-one-out MAP).
+    pub reranked: [bool; 2],
     /// Decision thresholds on the confidence: diagnoses, procedures.
     pub thresholds: [f32; 2],
     /// Leave-one-out MAP and micro-F1 on the fitted notes at the chosen settings.
@@ -64,17 +66,33 @@ pub struct RetrievalIndex {
     prior: Vec<f32>,
     /// Per kind: code ids, most frequent first (the rankings' tail).
     frequent: [Vec<u32>; 2],
+    rerankers: [Option<Reranker>; 2],
+    /// Per kind: every code id of that kind.
+    #[serde(skip)]
+    frequent_all: [Vec<u32>; 2],
+    #[serde(skip)]
+    code_index: HashMap<(String, CodeKind), u32>,
+    /// Per code: the sum of the vectors of the notes carrying it, and its squared norm.
+    #[serde(skip)]
+    centroids: Vec<(SparseVec, f32)>,
     #[serde(skip)]
     postings: Vec<Vec<(u32, f32)>>,
 }
 
+/// Bumped whenever what the index holds or how it scores changes, so that caches of an older
+/// build are refitted rather than misread.
+const INDEX_FORMAT: u32 = 4;
+
 /// Codes in a ranking (the tail filled with frequent codes).
 const RANKING_LENGTH: usize = 50;
+/// Candidates taken from the closest code centroids, per kind.
+const CENTROID_CANDIDATES: usize = 30;
 
 impl RetrievalIndex {
     /// Hash of what [`Self::fit`] would be fitted on.
     pub fn fingerprint_of(notes: &[LabelledNote]) -> String {
         let mut hash = Sha256::new();
+        hash.update(INDEX_FORMAT.to_le_bytes());
         for note in notes {
             for part in [&note.id, &note.text] {
                 hash.update(part.as_bytes());
@@ -130,7 +148,7 @@ impl RetrievalIndex {
             calibration: Calibration {
                 neighbours: 10,
                 power: 1.0,
-                lexical_weights: [0.0; 2],
+                reranked: [false; 2],
                 thresholds: [0.5, 0.5],
                 loo_map: [0.0; 2],
                 loo_micro_f1: [0.0; 2],
@@ -142,6 +160,10 @@ impl RetrievalIndex {
             codes: Vec::new(),
             prior: Vec::new(),
             frequent: Default::default(),
+            rerankers: [None, None],
+            frequent_all: Default::default(),
+            code_index: HashMap::new(),
+            centroids: Vec::new(),
             postings: Vec::new(),
         };
         index.docs = term_lists.iter().map(|t| index.vectorize(t)).collect();
@@ -206,6 +228,32 @@ impl RetrievalIndex {
     }
 
     fn build_postings(&mut self) {
+        self.frequent_all = [0, 1].map(|kind| {
+            (0..self.codes.len() as u32)
+                .filter(|&c| self.codes[c as usize].1 == CodeKind::BOTH[kind])
+                .collect()
+        });
+        let mut sums: Vec<HashMap<u32, f32>> = vec![HashMap::new(); self.codes.len()];
+        for (vector, per_kind) in self.docs.iter().zip(&self.doc_codes) {
+            for &code in per_kind.iter().flatten() {
+                for &(term, w) in vector {
+                    *sums[code as usize].entry(term).or_default() += w;
+                }
+            }
+        }
+        self.centroids = sums
+            .into_iter()
+            .map(|sum| {
+                let norm2 = sum.values().map(|w| w * w).sum();
+                (sum.into_iter().collect(), norm2)
+            })
+            .collect();
+        self.code_index = self
+            .codes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), i as u32))
+            .collect();
         let mut postings = vec![Vec::new(); self.idf.len()];
         for (d, vector) in self.docs.iter().enumerate() {
             for &(term, weight) in vector {
@@ -245,16 +293,16 @@ impl RetrievalIndex {
         sims
     }
 
-    /// Per kind: (code, confidence) ranked: the `k` nearest notes' vote shares plus the
-    /// weighted lexical scores (`skip`: a fitted note left out, for leave-one-out), the tail
-    /// filled with frequent codes.
-    fn vote(
+    /// Per kind: every candidate code's signals (the `k` nearest notes' vote shares and the
+    /// lexical matches; `skip`: a fitted note left out, for leave-one-out).
+    fn candidates(
         &self,
+        query: &SparseVec,
         sims: &[f32],
-        (k, power, weights): (usize, f32, [f32; 2]),
+        (k, power): (usize, f32),
         skip: Option<usize>,
-        lexical: Option<&[Ranked; 2]>,
-    ) -> [Ranked; 2] {
+        lexical: Option<&PerKind>,
+    ) -> [Vec<(String, Signals)>; 2] {
         let mut order: Vec<usize> = (0..sims.len()).filter(|&d| Some(d) != skip).collect();
         let k = k.min(order.len());
         let neighbours = if k == 0 {
@@ -263,57 +311,155 @@ impl RetrievalIndex {
             order.select_nth_unstable_by(k - 1, |&a, &b| sims[b].total_cmp(&sims[a]));
             &order[..k]
         };
-        let weights_of: Vec<f32> = neighbours
+        let weights: Vec<f32> = neighbours
             .iter()
             .map(|&d| sims[d].max(0.0).powf(power))
             .collect();
-        let total: f32 = weights_of.iter().sum::<f32>().max(1e-12);
-        let mut out: [Ranked; 2] = Default::default();
-        for (kind, ranking) in out.iter_mut().enumerate() {
-            let mut votes: HashMap<&str, (f32, f32)> = HashMap::new();
-            for (&d, &w) in neighbours.iter().zip(&weights_of) {
+        let total: f32 = weights.iter().sum::<f32>().max(1e-12);
+        let n = self.docs.len() as f32;
+        let own =
+            |code: u32, kind: usize| skip.is_some_and(|d| self.doc_codes[d][kind].contains(&code));
+        std::array::from_fn(|kind| {
+            let mut signals: HashMap<String, Signals> = HashMap::new();
+            let mut voted: HashMap<u32, f32> = HashMap::new();
+            for (&d, &w) in neighbours.iter().zip(&weights) {
                 for &code in &self.doc_codes[d][kind] {
-                    let code = code as usize;
-                    let entry = votes
-                        .entry(self.codes[code].0.as_str())
-                        .or_insert((0.0, self.prior[code]));
-                    entry.0 += w / total;
+                    *voted.entry(code).or_default() += w / total;
                 }
             }
-            if let Some(lexical) = lexical.filter(|_| weights[kind] > 0.0) {
-                for (code, score) in &lexical[kind] {
-                    votes.entry(code.as_str()).or_insert((0.0, 0.0)).0 += weights[kind] * score;
+            let mut voted: Vec<(u32, f32)> = voted.into_iter().collect();
+            voted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for (rank, (code, share)) in voted.into_iter().enumerate() {
+                let training = self.prior[code as usize] * n - f32::from(u8::from(own(code, kind)));
+                signals.insert(
+                    self.codes[code as usize].0.clone(),
+                    Signals {
+                        knn: share,
+                        knn_rank: rank + 1,
+                        training_notes: training.max(0.0),
+                        ..Signals::default()
+                    },
+                );
+            }
+            for (rank, (code, sim)) in self
+                .centroid_ranking(query, kind, skip)
+                .into_iter()
+                .enumerate()
+            {
+                let entry = signals
+                    .entry(self.codes[code as usize].0.clone())
+                    .or_insert_with(|| {
+                        let training =
+                            self.prior[code as usize] * n - f32::from(u8::from(own(code, kind)));
+                        Signals {
+                            training_notes: training.max(0.0),
+                            ..Signals::default()
+                        }
+                    });
+                entry.centroid = sim;
+                entry.centroid_rank = rank + 1;
+            }
+            if let Some(lexical) = lexical {
+                for (rank, (code, score)) in lexical[kind].iter().enumerate() {
+                    let entry = signals.entry(code.clone()).or_insert_with(|| {
+                        let training = self
+                            .code_index
+                            .get(&(code.clone(), CodeKind::BOTH[kind]))
+                            .map_or(0.0, |&c| {
+                                self.prior[c as usize] * n - f32::from(u8::from(own(c, kind)))
+                            });
+                        Signals {
+                            training_notes: training.max(0.0),
+                            ..Signals::default()
+                        }
+                    });
+                    entry.lexical = *score;
+                    entry.lexical_rank = rank + 1;
                 }
             }
-            // Ties go to the more frequent code.
-            let mut ranked: Vec<(&str, f32, f32)> =
-                votes.into_iter().map(|(c, (v, p))| (c, v, p)).collect();
-            ranked.sort_by(|a, b| {
-                (b.1 + 1e-4 * b.2)
-                    .total_cmp(&(a.1 + 1e-4 * a.2))
-                    .then_with(|| a.0.cmp(b.0))
-            });
-            ranked.truncate(RANKING_LENGTH);
-            let mut list: Ranked = ranked
-                .iter()
-                .map(|(c, v, _)| (c.to_string(), v.min(1.0)))
+            signals.into_iter().collect()
+        })
+    }
+
+    /// The codes of `kind` whose centroids are closest to `query`: (code id, cosine), best
+    /// first (`skip`: the fitted note left out of the centroids it is in).
+    fn centroid_ranking(
+        &self,
+        query: &SparseVec,
+        kind: usize,
+        skip: Option<usize>,
+    ) -> Vec<(u32, f32)> {
+        let mut dense = vec![0f32; self.idf.len()];
+        for &(term, w) in query {
+            dense[term as usize] = w;
+        }
+        let mut ranked: Vec<(u32, f32)> = self.frequent_all[kind]
+            .iter()
+            .filter_map(|&code| {
+                let (sum, norm2) = &self.centroids[code as usize];
+                let mut dot: f32 = sum.iter().map(|&(t, w)| w * dense[t as usize]).sum();
+                let mut norm2 = *norm2;
+                if skip.is_some_and(|d| self.doc_codes[d][kind].contains(&code)) {
+                    // Leave the note out: s − v with ‖v‖ = 1.
+                    norm2 += 1.0 - 2.0 * dot;
+                    dot -= 1.0;
+                }
+                (norm2 > 1e-6).then(|| (code, dot / norm2.sqrt()))
+            })
+            .collect();
+        let keep = CENTROID_CANDIDATES.min(ranked.len());
+        if keep == 0 {
+            return Vec::new();
+        }
+        ranked.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
+        ranked.truncate(keep);
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked
+    }
+
+    /// Per kind: (code, confidence) ranked, the tail filled with frequent codes. Confidence is
+    /// the reranker's probability where one was fitted, else the vote share.
+    fn rank(
+        &self,
+        candidates: [Vec<(String, Signals)>; 2],
+        rerankers: &[Option<Reranker>; 2],
+    ) -> PerKind {
+        let mut kind = 0;
+        candidates.map(|list| {
+            let reranker = rerankers[kind].as_ref();
+            let mut ranked: Ranked = list
+                .into_iter()
+                .map(|(code, s)| {
+                    let score = match reranker {
+                        Some(model) => model.probability(&s),
+                        None => s.knn,
+                    };
+                    // Ties go to the more frequent code.
+                    (code, score + 1e-6 * s.training_notes.min(100.0))
+                })
+                .filter(|(_, score)| *score > 0.0)
                 .collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            ranked.truncate(RANKING_LENGTH);
             for &code in &self.frequent[kind] {
-                if list.len() >= RANKING_LENGTH {
+                if ranked.len() >= RANKING_LENGTH {
                     break;
                 }
                 let name = &self.codes[code as usize].0;
-                if !list.iter().any(|(c, _)| c == name) {
-                    list.push((name.clone(), 0.0));
+                if !ranked.iter().any(|(c, _)| c == name) {
+                    ranked.push((name.clone(), 0.0));
                 }
             }
-            *ranking = list;
-        }
-        out
+            ranked.iter_mut().for_each(|(_, c)| *c = c.clamp(0.0, 1.0));
+            kind += 1;
+            ranked
+        })
     }
 
-    /// Leave-one-out over the fitted notes: the (k, power, lexical weights) with the best
-    /// summed MAP, then per kind the threshold with the best micro-F1.
+    /// Leave-one-out over the fitted notes: the (k, power) with the best summed MAP of the
+    /// vote alone; then a reranker per kind (vote, code centroids, lexical matches when a
+    /// lexicon is given) kept where it raises MAP; then
+    /// per kind the threshold with the best micro-F1.
     fn calibrate(&mut self, lexical: Option<&[PerKind]>) {
         let sims: Vec<Vec<f32>> = self.docs.par_iter().map(|v| self.similarities(v)).collect();
         let gold: Vec<[Vec<&str>; 2]> = self
@@ -327,53 +473,80 @@ impl RetrievalIndex {
                 })
             })
             .collect();
-        let loo = |settings: (usize, f32, [f32; 2])| -> Vec<[Ranked; 2]> {
+        let candidates = |settings: (usize, f32), with_lexical: bool| {
             (0..self.docs.len())
                 .into_par_iter()
-                .map(|d| self.vote(&sims[d], settings, Some(d), lexical.map(|l| &l[d])))
-                .collect()
+                .map(|d| {
+                    let lex = lexical.filter(|_| with_lexical).map(|l| &l[d]);
+                    self.candidates(&self.docs[d], &sims[d], settings, Some(d), lex)
+                })
+                .collect::<Vec<_>>()
         };
-        let lexical_grid: &[f32] = if lexical.is_some() {
-            &[0.0, 0.05, 0.1, 0.2, 0.4, 0.8]
-        } else {
-            &[0.0]
+        let maps_of = |ranked: &[PerKind]| {
+            [0, 1].map(|kind| {
+                mean_average_precision(ranked.iter().zip(&gold).map(|(v, g)| (&v[kind], &g[kind])))
+            })
         };
-        // (summed MAP, k, power, lexical weights, MAPs)
-        type Best = (f64, usize, f32, [f32; 2], [f64; 2]);
+        let none: [Option<Reranker>; 2] = [None, None];
+        // (summed MAP, k, power, MAPs)
+        type Best = (f64, usize, f32, [f64; 2]);
         let mut best: Option<Best> = None;
         for k in [5, 8, 12, 20, 30, 50] {
             for power in [1.0f32, 2.0, 3.0, 5.0] {
-                // The lexical weight of one kind does not change the other's ranking: pick
-                // each kind's best on its own.
-                let mut weights = [0f32; 2];
-                let mut maps = [f64::MIN; 2];
-                for &w in lexical_grid {
-                    let votes = loo((k, power, [w, w]));
-                    for kind in 0..2 {
-                        let map = mean_average_precision(
-                            votes.iter().zip(&gold).map(|(v, g)| (&v[kind], &g[kind])),
-                        );
-                        if map > maps[kind] {
-                            maps[kind] = map;
-                            weights[kind] = w;
-                        }
-                    }
-                }
-                let score = maps[0] + maps[1];
-                if best.as_ref().is_none_or(|b| score > b.0) {
-                    best = Some((score, k, power, weights, maps));
+                let ranked: Vec<PerKind> = candidates((k, power), false)
+                    .into_iter()
+                    .map(|c| self.rank(c, &none))
+                    .collect();
+                let maps = maps_of(&ranked);
+                if best.as_ref().is_none_or(|b| maps[0] + maps[1] > b.0) {
+                    best = Some((maps[0] + maps[1], k, power, maps));
                 }
             }
         }
-        let Some((_, k, power, weights, maps)) = best else {
+        let Some((_, k, power, mut maps)) = best else {
             return;
         };
-        let votes = loo((k, power, weights));
+        let mut rerankers: [Option<Reranker>; 2] = [None, None];
+        let mut final_candidates = candidates((k, power), false);
+        {
+            let with_lexical = candidates((k, power), true);
+            let fitted: [Option<Reranker>; 2] = [0, 1].map(|kind| {
+                let examples: Vec<(Signals, bool)> = with_lexical
+                    .iter()
+                    .zip(&gold)
+                    .flat_map(|(c, g)| {
+                        c[kind]
+                            .iter()
+                            .map(|(code, s)| (*s, g[kind].contains(&code.as_str())))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                Reranker::fit(&examples)
+            });
+            let ranked: Vec<PerKind> = with_lexical
+                .iter()
+                .map(|c| self.rank(c.clone(), &fitted))
+                .collect();
+            let reranked_maps = maps_of(&ranked);
+            for kind in 0..2 {
+                if fitted[kind].is_some() && reranked_maps[kind] > maps[kind] {
+                    maps[kind] = reranked_maps[kind];
+                    rerankers[kind] = fitted[kind].clone();
+                }
+            }
+            if rerankers.iter().any(Option::is_some) {
+                final_candidates = with_lexical;
+            }
+        }
+        let votes: Vec<PerKind> = final_candidates
+            .into_iter()
+            .map(|c| self.rank(c, &rerankers))
+            .collect();
         let mut thresholds = [0.5f32; 2];
         let mut f1s = [0.0f64; 2];
         for kind in 0..2 {
-            for step in 1..20 {
-                let t = step as f32 * 0.05;
+            for step in 1..40 {
+                let t = step as f32 * 0.025;
                 let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
                 for (v, g) in votes.iter().zip(&gold) {
                     let chosen: Vec<&str> = v[kind]
@@ -396,11 +569,12 @@ impl RetrievalIndex {
         self.calibration = Calibration {
             neighbours: k,
             power,
-            lexical_weights: weights,
+            reranked: [rerankers[0].is_some(), rerankers[1].is_some()],
             thresholds,
             loo_map: maps,
             loo_micro_f1: f1s,
         };
+        self.rerankers = rerankers;
     }
 
     /// Code one note. `describe` gives a code's description and billable flag where the code
@@ -418,13 +592,17 @@ impl RetrievalIndex {
         let sims = self.similarities(&query);
         let c = &self.calibration;
         let lexical = lexicon
-            .filter(|_| c.lexical_weights.iter().any(|w| *w > 0.0))
+            .filter(|_| self.rerankers.iter().any(Option::is_some))
             .map(|l| l.candidates(text));
-        let votes = self.vote(
-            &sims,
-            (c.neighbours, c.power, c.lexical_weights),
-            None,
-            lexical.as_ref(),
+        let votes = self.rank(
+            self.candidates(
+                &query,
+                &sims,
+                (c.neighbours, c.power),
+                None,
+                lexical.as_ref(),
+            ),
+            &self.rerankers,
         );
         let sentence_stems: Vec<(crate::text::Span, Vec<String>)> = sentences(text)
             .into_iter()
@@ -466,11 +644,11 @@ impl RetrievalIndex {
             procedures: items(1),
             engine: "retrieval".into(),
             model: format!(
-                "retrieval: tf-idf kNN (k {}, power {}) + ICD lexical (weights {:?}{}), fitted on {}",
+                "retrieval: tf-idf kNN (k {}, power {}), ICD lexical reranking {:?}{}, fitted on {}",
                 c.neighbours,
                 c.power,
-                c.lexical_weights,
-                if lexical.is_none() && c.lexical_weights.iter().any(|w| *w > 0.0) {
+                c.reranked,
+                if lexical.is_none() && c.reranked.iter().any(|r| *r) {
                     ", no code set at hand: unused"
                 } else {
                     ""
