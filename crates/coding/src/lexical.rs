@@ -25,22 +25,31 @@ pub trait Lexicon: Sync {
 
 impl Lexicon for IcdKnowledge {
     fn candidates(&self, text: &str) -> [Ranked; 2] {
-        let sentences = sentences(text);
-        [CodeSystem::Cm, CodeSystem::Pcs].map(|system| {
-            let mut scores: HashMap<String, f32> = HashMap::new();
-            let filter = SearchFilter {
-                system: Some(system),
-                billable_only: false,
-            };
-            for clause in sentences.iter().flat_map(|s| clauses(&s.text)) {
-                let hits = self.search(clause, HITS_PER_SENTENCE, filter);
-                let Some(best) = hits.first().map(|h| h.score).filter(|s| *s > 0.0) else {
-                    continue;
-                };
-                for hit in hits {
-                    *scores.entry(hit.code).or_default() += hit.score / best;
+        // One search per clause over both code sets; each set's best hits kept.
+        let mut scores: [HashMap<String, f32>; 2] = Default::default();
+        let filter = SearchFilter {
+            system: None,
+            billable_only: false,
+        };
+        for sentence in sentences(text) {
+            for clause in clauses(&sentence.text) {
+                let hits = self.search(clause, 4 * HITS_PER_SENTENCE, filter);
+                for (kind, system) in [CodeSystem::Cm, CodeSystem::Pcs].into_iter().enumerate() {
+                    let mine: Vec<_> = hits
+                        .iter()
+                        .filter(|h| h.system == system)
+                        .take(HITS_PER_SENTENCE)
+                        .collect();
+                    let Some(best) = mine.first().map(|h| h.score).filter(|s| *s > 0.0) else {
+                        continue;
+                    };
+                    for hit in mine {
+                        *scores[kind].entry(hit.code.clone()).or_default() += hit.score / best;
+                    }
                 }
             }
+        }
+        scores.map(|scores| {
             let max = scores.values().copied().fold(0.0f32, f32::max);
             let mut ranked: Vec<(String, f32)> = scores
                 .into_iter()

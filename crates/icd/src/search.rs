@@ -271,8 +271,34 @@ impl SearchIndex {
                 matched_weight[doc as usize] += weight;
             }
         }
-        // A code scores as its best text: its title or one of its inclusion terms.
-        let mut best: HashMap<DocRef, f32> = HashMap::new();
+        let keep = |doc: DocRef| -> bool {
+            match doc {
+                DocRef::Cm(i) => {
+                    filter.system.is_none_or(|s| s == CodeSystem::Cm)
+                        && (!filter.billable_only || cm.entry(i).billable)
+                }
+                DocRef::Pcs(_) => filter.system.is_none_or(|s| s == CodeSystem::Pcs),
+            }
+        };
+        // A code scores as its best text: its title or one of its inclusion terms. Dense per
+        // code set (scores are positive: 0 marks an untouched code), with the touched codes
+        // listed, so that no hash map is built per query.
+        let mut best_cm = vec![0f32; cm.entries.len()];
+        let mut best_pcs = vec![0f32; pcs.codes.len()];
+        let mut touched: Vec<DocRef> = Vec::new();
+        let mut raise = |doc: DocRef, score: f32| {
+            if !keep(doc) {
+                return;
+            }
+            let slot = match doc {
+                DocRef::Cm(i) => &mut best_cm[i as usize],
+                DocRef::Pcs(i) => &mut best_pcs[i as usize],
+            };
+            if *slot == 0.0 {
+                touched.push(doc);
+            }
+            *slot = slot.max(score);
+        };
         for (i, score) in scores.iter().enumerate().filter(|(_, s)| **s > 0.0) {
             // Texts that the query covers whole rank first: "pneumonia" is J18.9 "Pneumonia,
             // unspecified organism" before J13 "Pneumonia due to Streptococcus pneumoniae".
@@ -284,26 +310,14 @@ impl SearchIndex {
                 * self.doc_weight[i]
                 * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * coverage)
                 * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * answered);
-            let slot = best.entry(self.docs[i]).or_default();
-            *slot = slot.max(weighted);
+            raise(self.docs[i], weighted);
         }
-        let keep = |doc: DocRef| -> bool {
-            match doc {
-                DocRef::Cm(i) => {
-                    filter.system.is_none_or(|s| s == CodeSystem::Cm)
-                        && (!filter.billable_only || cm.entry(i).billable)
-                }
-                DocRef::Pcs(_) => filter.system.is_none_or(|s| s == CodeSystem::Pcs),
-            }
-        };
         for table in &query.pcs_tables {
             let start = pcs
                 .codes
                 .partition_point(|e| e.code.as_str() < table.as_str());
             for offset in 0..pcs.with_prefix(table).len().min(2000) {
-                let doc = DocRef::Pcs((start + offset) as u32);
-                let slot = best.entry(doc).or_default();
-                *slot = slot.max(INDEX_ONLY_SCORE);
+                raise(DocRef::Pcs((start + offset) as u32), INDEX_ONLY_SCORE);
             }
         }
         let in_query_table = |code: &str| {
@@ -312,15 +326,21 @@ impl SearchIndex {
                 .iter()
                 .any(|t| code.starts_with(t.as_str()))
         };
-        let mut ranked: Vec<RankedDoc> = best
+        let mut ranked: Vec<RankedDoc> = touched
             .into_iter()
-            .filter(|(doc, _)| keep(*doc))
-            .map(|(doc, score)| match doc {
+            .map(|doc| match doc {
+                DocRef::Cm(i) => RankedDoc {
+                    doc,
+                    score: best_cm[i as usize],
+                },
                 DocRef::Pcs(i) if in_query_table(&pcs.codes[i as usize].code) => RankedDoc {
                     doc,
-                    score: score * INDEX_TABLE_BOOST,
+                    score: best_pcs[i as usize] * INDEX_TABLE_BOOST,
                 },
-                _ => RankedDoc { doc, score },
+                DocRef::Pcs(i) => RankedDoc {
+                    doc,
+                    score: best_pcs[i as usize],
+                },
             })
             .collect();
         let by_score = |a: &RankedDoc, b: &RankedDoc| {
