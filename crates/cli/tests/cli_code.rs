@@ -203,6 +203,28 @@ fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
         run.stdout
     );
 
+    // The benchmark codes the split's notes and reports throughput and latency.
+    let bench = [
+        "bench",
+        "code",
+        "--db",
+        db_s,
+        "--dataset",
+        "codiesp",
+        "--split",
+        "dev",
+    ];
+    let run = medcoder(
+        &home,
+        &[&bench[..], &["--notes", "8", "--json"]].concat(),
+        None,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let b: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(b["notes"], 8);
+    assert!(b["notes_per_s"].as_f64().unwrap() > 0.0, "{b}");
+    assert!(b["latency_p99_ms"].as_f64().unwrap() >= b["latency_p50_ms"].as_f64().unwrap());
+
     // A batch file: a malformed line and an empty note are reported and skipped.
     let batch = tmp.path().join("batch.jsonl");
     std::fs::write(

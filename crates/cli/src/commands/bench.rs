@@ -43,6 +43,8 @@ pub enum BenchCommand {
         #[arg(long)]
         new_tokens: usize,
     },
+    /// Notes/s and per-note latency (p50/p99) of a coding engine on ~2 KB notes.
+    Code(super::bench_code::CodeBenchArgs),
     /// LoRA SFT tokens/s and peak RSS of our trainer against PyTorch + PEFT on the same
     /// SmolLM2-135M-shaped model, threads, sequence and batch, in f32 and bf16, in one run.
     Train(super::bench_train::TrainBenchArgs),
@@ -89,6 +91,7 @@ struct PrepareBench {
 pub fn run(command: BenchCommand, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Generate(args) => super::bench_generate::run(args, home),
+        BenchCommand::Code(args) => super::bench_code::run(args, home),
         BenchCommand::Train(args) => super::bench_train::run(args),
         BenchCommand::TrainRun {
             seq,

@@ -67,9 +67,9 @@ pub struct CodeArgs {
 
 /// A line of a batch file.
 #[derive(Debug, Deserialize)]
-struct BatchNote {
-    id: String,
-    text: String,
+pub(crate) struct BatchNote {
+    pub id: String,
+    pub text: String,
 }
 
 pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
@@ -174,7 +174,7 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
 }
 
 /// The fitted index, from its cache beside the database when that was fitted on the same notes.
-fn retrieval_index(
+pub(crate) fn retrieval_index(
     db: &Path,
     dataset: &str,
     fit_splits: &[String],
@@ -301,7 +301,7 @@ fn read_batch(file: &Path) -> anyhow::Result<Vec<BatchNote>> {
     Ok(notes)
 }
 
-fn split_notes(db: &Path, dataset: &str, split: &str) -> anyhow::Result<Vec<BatchNote>> {
+pub(crate) fn split_notes(db: &Path, dataset: &str, split: &str) -> anyhow::Result<Vec<BatchNote>> {
     let split = split.parse::<Split>()?.as_str();
     let store = Store::open(db)?;
     let mut notes = Vec::new();

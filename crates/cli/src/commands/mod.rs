@@ -9,6 +9,7 @@ macro_rules! outln {
 
 pub mod assets;
 pub mod bench;
+pub mod bench_code;
 pub mod bench_generate;
 pub mod bench_train;
 pub mod code;
