@@ -68,6 +68,19 @@ fn prepared_corpus(dir: &Path, home: &Path) -> (PathBuf, PathBuf) {
     (db, src)
 }
 
+/// `medcoder code - --db DB --dataset codiesp EXTRA…` with `note` on stdin.
+fn code_note(home: &Path, db: &Path, extra: &[&str], note: &str) -> support::Run {
+    let args = [
+        "code",
+        "-",
+        "--db",
+        db.to_str().unwrap(),
+        "--dataset",
+        "codiesp",
+    ];
+    medcoder(home, &[&args[..], extra].concat(), Some(note))
+}
+
 #[test]
 fn with_the_code_set_codes_carry_descriptions_and_evidence() {
     let Some(home) = support::icd_home() else {
@@ -76,18 +89,7 @@ fn with_the_code_set_codes_carry_descriptions_and_evidence() {
     let tmp = tempfile::tempdir().unwrap();
     let (db, _) = prepared_corpus(tmp.path(), home.root());
     let note = "Known type 2 diabetes mellitus. Today she has polyuria.";
-    let db_s = db.to_str().unwrap();
-    let args = [
-        "code",
-        "-",
-        "--db",
-        db_s,
-        "--dataset",
-        "codiesp",
-        "--format",
-        "json",
-    ];
-    let run = medcoder(home.root(), &args, Some(note));
+    let run = code_note(home.root(), &db, &["--format", "json"], note);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     let p: Value = serde_json::from_str(&run.stdout).unwrap();
     let top = &p["diagnoses"][0];
@@ -254,21 +256,8 @@ fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 1);
 
     // One note on stdin, as JSON; the note's text never reaches the logs.
-    let run = medcoder(
-        &home,
-        &[
-            "-v",
-            "code",
-            "-",
-            "--db",
-            db_s,
-            "--dataset",
-            "codiesp",
-            "--format",
-            "json",
-        ],
-        Some("Secret-Name has type 2 diabetes mellitus with polyuria."),
-    );
+    let secret = "Secret-Name has type 2 diabetes mellitus with polyuria.";
+    let run = code_note(&home, &db, &["--format", "json", "-v"], secret);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     let p: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(p["diagnoses"][0]["code"], "E11.9");
@@ -276,11 +265,7 @@ fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
 
     // Bad input: named, non-zero exit.
     for (input, why) in [("", "empty"), ("%PDF-1.7 binary", "PDF")] {
-        let run = medcoder(
-            &home,
-            &["code", "-", "--db", db_s, "--dataset", "codiesp"],
-            Some(input),
-        );
+        let run = code_note(&home, &db, &[], input);
         assert_ne!(run.code, Some(0));
         assert!(run.stderr.contains(why), "{why}: {}", run.stderr);
     }
@@ -300,20 +285,7 @@ fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
     );
     assert_ne!(run.code, Some(0));
     assert!(run.stderr.contains("not UTF-8"), "{}", run.stderr);
-    let run = medcoder(
-        &home,
-        &[
-            "code",
-            "-",
-            "--engine",
-            "magic",
-            "--db",
-            db_s,
-            "--dataset",
-            "codiesp",
-        ],
-        Some("x"),
-    );
+    let run = code_note(&home, &db, &["--engine", "magic"], "x");
     assert_ne!(run.code, Some(0));
     assert!(run.stderr.contains("engine `magic`"), "{}", run.stderr);
 }

@@ -276,14 +276,17 @@ fn level_scores(rows: &Rows) -> LevelScores {
 }
 
 /// CodiEsp's average precision: Σ over relevant ranks of precision at that rank, / |gold|.
-pub fn average_precision(ranked: &[String], gold: &[String]) -> f64 {
+pub fn average_precision<R: AsRef<str>, G: AsRef<str>>(
+    ranked: impl IntoIterator<Item = R>,
+    gold: &[G],
+) -> f64 {
     if gold.is_empty() {
         return 0.0;
     }
     let mut hits = 0;
     let mut sum = 0.0;
-    for (i, code) in ranked.iter().enumerate() {
-        if gold.contains(code) {
+    for (i, code) in ranked.into_iter().enumerate() {
+        if gold.iter().any(|g| g.as_ref() == code.as_ref()) {
             hits += 1;
             sum += hits as f64 / (i + 1) as f64;
         }

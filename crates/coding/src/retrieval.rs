@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::eval::average_precision;
 use crate::lexical::{Lexicon, Ranked};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, EvidenceSpan, NotePrediction};
 use crate::rerank::{Reranker, Signals};
@@ -703,27 +704,11 @@ fn f1_score(tp: usize, fp: usize, fn_: usize) -> f64 {
 
 /// MAP over notes with at least one gold code (a note without prediction scores 0).
 fn mean_average_precision<'a>(pairs: impl Iterator<Item = (&'a Ranked, &'a Vec<&'a str>)>) -> f64 {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for (ranking, gold) in pairs {
-        if gold.is_empty() {
-            continue;
-        }
-        n += 1;
-        let mut hits = 0usize;
-        let mut ap = 0.0;
-        for (i, (code, _)) in ranking.iter().enumerate() {
-            if gold.contains(&code.as_str()) {
-                hits += 1;
-                ap += hits as f64 / (i + 1) as f64;
-            }
-        }
-        sum += ap / gold.len() as f64;
-    }
-    if n == 0 {
-        0.0
-    } else {
-        sum / n as f64
-    }
+    let aps: Vec<f64> = pairs
+        .filter(|(_, gold)| !gold.is_empty())
+        .map(|(ranking, gold)| average_precision(ranking.iter().map(|(c, _)| c), gold))
+        .collect();
+    aps.iter().sum::<f64>() / aps.len().max(1) as f64
 }
 
 #[cfg(test)]

@@ -330,6 +330,34 @@ impl AttentionDims {
     fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
     }
+    /// Keys and values of kv head `kvh` in sequence `row`: (seq, head_dim) views each.
+    fn kv_views<'a>(
+        &self,
+        k: &'a [f32],
+        v: &'a [f32],
+        row: usize,
+        kvh: usize,
+    ) -> (MatRef<'a>, MatRef<'a>) {
+        let (kw, d) = (self.kv_width(), self.head_dim);
+        let at = row * self.seq * kw + kvh * d;
+        (
+            MatRef::strided(k, at, self.seq, d, kw),
+            MatRef::strided(v, at, self.seq, d, kw),
+        )
+    }
+
+    /// Query head `h` of sequence `row` in a (tokens, heads·head_dim) buffer.
+    fn head_view<'a>(&self, x: &'a [f32], row: usize, h: usize) -> MatRef<'a> {
+        let (qw, d) = (self.q_width(), self.head_dim);
+        MatRef::strided(x, row * self.seq * qw + h * d, self.seq, d, qw)
+    }
+
+    /// The query heads that share kv head `kvh`.
+    fn query_heads(&self, kvh: usize) -> std::ops::Range<usize> {
+        let group = self.heads / self.kv_heads;
+        kvh * group..(kvh + 1) * group
+    }
+
     /// (sequence, kv head) pairs: the unit of parallel work (a kv head's query heads run in
     /// one task, so that their dK/dV sums need no locks).
     fn tasks(&self) -> impl ParallelIterator<Item = (usize, usize)> {
@@ -392,25 +420,16 @@ pub(crate) fn attention(
     v: &[f32],
     out: &mut [f32],
 ) -> Vec<f32> {
-    let AttentionDims {
-        seq,
-        heads,
-        kv_heads,
-        head_dim: d,
-        scale,
-        ..
-    } = dims;
-    let group = heads / kv_heads;
+    let (seq, heads, d) = (dims.seq, dims.heads, dims.head_dim);
     let mut lse = vec![0f32; dims.rows * heads * seq];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let lse_ptr = SendPtr(lse.as_mut_ptr());
     dims.tasks().for_each(|(row, kvh)| {
         let base = row * seq;
-        let k = MatRef::strided(k, base * dims.kv_width() + kvh * d, seq, d, dims.kv_width());
-        let v = MatRef::strided(v, base * dims.kv_width() + kvh * d, seq, d, dims.kv_width());
+        let (k, v) = dims.kv_views(k, v, row, kvh);
         let mut p = vec![0f32; BLOCK * seq];
-        for h in kvh * group..(kvh + 1) * group {
-            let q = MatRef::strided(q, base * dims.q_width() + h * d, seq, d, dims.q_width());
+        for h in dims.query_heads(kvh) {
+            let q = dims.head_view(q, row, h);
             // Safety: this task alone writes head h of sequence `row`.
             let lse = unsafe {
                 std::slice::from_raw_parts_mut(lse_ptr.get().add((row * heads + h) * seq), seq)
@@ -418,7 +437,7 @@ pub(crate) fn attention(
             for r0 in (0..seq).step_by(BLOCK) {
                 let n = BLOCK.min(seq - r0);
                 let keys = r0 + n;
-                block_probs(q, k, r0, n, scale, &mut p, &mut lse[r0..r0 + n], false);
+                block_probs(q, k, r0, n, dims.scale, &mut p, &mut lse[r0..r0 + n], false);
                 let o =
                     unsafe { MatOut::block(out_ptr.get(), base + r0, n, h * d, d, dims.q_width()) };
                 matmul(
@@ -449,15 +468,7 @@ pub(crate) fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let AttentionDims {
-        seq,
-        heads,
-        kv_heads,
-        head_dim: d,
-        scale,
-        ..
-    } = dims;
-    let group = heads / kv_heads;
+    let (seq, heads, d, scale) = (dims.seq, dims.heads, dims.head_dim, dims.scale);
     dk.fill(0.0);
     dv.fill(0.0);
     let (dq_ptr, dk_ptr, dv_ptr) = (
@@ -468,13 +479,12 @@ pub(crate) fn attention_backward(
     let (qw, kw) = (dims.q_width(), dims.kv_width());
     dims.tasks().for_each(|(row, kvh)| {
         let base = row * seq;
-        let k = MatRef::strided(k, base * kw + kvh * d, seq, d, kw);
-        let v = MatRef::strided(v, base * kw + kvh * d, seq, d, kw);
+        let (k, v) = dims.kv_views(k, v, row, kvh);
         let mut p = vec![0f32; BLOCK * seq];
         let mut dp = vec![0f32; BLOCK * seq];
-        for h in kvh * group..(kvh + 1) * group {
-            let q = MatRef::strided(q, base * qw + h * d, seq, d, qw);
-            let go = MatRef::strided(d_out, base * qw + h * d, seq, d, qw);
+        for h in dims.query_heads(kvh) {
+            let q = dims.head_view(q, row, h);
+            let go = dims.head_view(d_out, row, h);
             // Δ_i = Σ_j dO_ij·O_ij: the softmax backward's row term.
             let delta: Vec<f32> = (0..seq)
                 .map(|i| {

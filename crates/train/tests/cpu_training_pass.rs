@@ -1,7 +1,8 @@
-//! The hand-written CPU training pass (`medcoder_models::lora_train_cpu`) against candle's
-//! autograd on the tiny random checkpoints: the same loss and the same LoRA gradients, with
-//! and without dropout and gradient checkpointing, on sequences long enough to span several
-//! attention blocks.
+//! Training passes that must agree, on the tiny random checkpoints: the hand-written CPU pass
+//! (`medcoder_models::lora_train_cpu`) and candle's autograd give the same loss and LoRA
+//! gradients, with and without dropout and gradient checkpointing, on sequences long enough
+//! to span several attention blocks; and checkpointed autograd equals plain autograd for the
+//! families and methods the CPU pass leaves to it.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -76,6 +77,60 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Losses within 1e-5 and every gradient within 2e-4 of the largest of `want`'s.
+fn assert_same(
+    case: &str,
+    trainable: &Trainable,
+    (want_loss, want): (f64, &[Option<Tensor>]),
+    (loss, got): (f64, &[Option<Tensor>]),
+) {
+    assert!(
+        (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+        "{case}: loss {loss} vs {want_loss}"
+    );
+    for ((name, _), (w, g)) in trainable.vars.iter().zip(want.iter().zip(got)) {
+        let w = w.as_ref().unwrap();
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("{case}: {name} got no gradient"));
+        let scale = max_abs(w);
+        let diff = max_abs(&(w - g).unwrap());
+        assert!(
+            scale > 0.0 && diff <= 2e-4 * scale,
+            "{case}: {name} differs by {diff} (max {scale})"
+        );
+    }
+}
+
+#[test]
+fn checkpointed_autograd_equals_plain_autograd() {
+    for (family, method) in [("gemma3", "lora"), ("qwen3", "full")] {
+        let mut lm = load(family);
+        let trainable = match method {
+            "lora" => lora(&mut lm, 0.0),
+            _ => make_trainable(&mut lm, &full_config(), false).unwrap(),
+        };
+        let vars: Vec<Var> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
+        let batch = batch();
+        let n = batch.targets.len() as f64;
+        let (plain_loss, plain) =
+            autograd_loss_and_grads(&lm, &batch, n, &vars, &Device::Cpu, false).unwrap();
+        let (loss, ckpt) =
+            autograd_loss_and_grads(&lm, &batch, n, &vars, &Device::Cpu, true).unwrap();
+        let case = format!("{family} {method} checkpointed");
+        assert_same(&case, &trainable, (plain_loss, &plain), (loss, &ckpt));
+    }
+}
+
+fn full_config() -> TrainConfig {
+    TrainConfig::from_yaml(
+        "model: tiny\ndb: none.duckdb\ndataset: none\noutput_dir: none\nmethod: full\n",
+        &[],
+        "test",
+    )
+    .unwrap()
+}
+
 #[test]
 fn the_cpu_pass_has_candle_autograds_loss_and_gradients() {
     for family in ["llama", "qwen2"] {
@@ -106,23 +161,7 @@ fn the_cpu_pass_has_candle_autograds_loss_and_gradients() {
                 let (loss, got) = run(&lm, &batch, n, &vars, &Device::Cpu, checkpointing).unwrap();
                 let case =
                     format!("{family}, {path}, dropout {dropout}, checkpointing {checkpointing}");
-                assert!(
-                    (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
-                    "{case}: loss {loss} vs {want_loss}"
-                );
-                for ((name, _), (w, g)) in trainable.vars.iter().zip(want.iter().zip(&got)) {
-                    let (w, g) = (
-                        w.as_ref().unwrap(),
-                        g.as_ref()
-                            .unwrap_or_else(|| panic!("{case}: {name} got no gradient")),
-                    );
-                    let scale = max_abs(w);
-                    let diff = max_abs(&(w - g).unwrap());
-                    assert!(
-                        scale > 0.0 && diff <= 2e-4 * scale,
-                        "{case}: {name} differs by {diff} (max {scale})"
-                    );
-                }
+                assert_same(&case, &trainable, (want_loss, &want), (loss, &got));
             }
         }
     }
@@ -136,12 +175,6 @@ fn families_and_modes_the_cpu_pass_does_not_cover_fall_back_to_autograd() {
         assert!(unsupported_reason(&lm).is_some(), "{family}");
     }
     let mut lm = load("llama");
-    let config = TrainConfig::from_yaml(
-        "model: tiny\ndb: none.duckdb\ndataset: none\noutput_dir: none\nmethod: full\n",
-        &[],
-        "test",
-    )
-    .unwrap();
-    make_trainable(&mut lm, &config, false).unwrap();
+    make_trainable(&mut lm, &full_config(), false).unwrap();
     assert!(unsupported_reason(&lm).is_some(), "full fine-tuning");
 }
