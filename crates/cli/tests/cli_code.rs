@@ -21,7 +21,9 @@ fn cases(n: usize, offset: usize) -> Vec<Value> {
         ),
         (
             "Community acquired pneumonia of the right lower lobe with fever and productive cough; chest radiograph showed consolidation.",
-            vec!["j18.9", "r50.9"],
+            // R51 is a header in the US 2026 code set (R51.0, R51.9): CodiEsp's Spanish
+            // edition still uses it.
+            vec!["j18.9", "r50.9", "r51"],
             vec!["bw03zzz"],
         ),
         (
@@ -105,6 +107,25 @@ fn with_the_code_set_codes_carry_descriptions_and_evidence() {
     let quoted: String = note.chars().skip(start).take(end - start).collect();
     assert_eq!(quoted, evidence["text"].as_str().unwrap());
     assert!(quoted.contains("diabetes"), "{quoted}");
+    assert_eq!(top["assertion"], "present");
+    // A denied finding is flagged, and an assigned header code is warned about.
+    let run = code_note(
+        home.root(),
+        &db,
+        &["--format", "json"],
+        "The patient denies diabetes mellitus.",
+    );
+    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(p["diagnoses"][0]["assertion"], "negated", "{p}");
+    let run = code_note(
+        home.root(),
+        &db,
+        &["--format", "json"],
+        "Community acquired pneumonia with fever and productive cough.",
+    );
+    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    let warnings = p["warnings"].to_string();
+    assert!(warnings.contains("R51"), "{p}");
 }
 
 #[test]

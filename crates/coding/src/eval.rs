@@ -521,6 +521,7 @@ mod tests {
             description: None,
             billable: None,
             evidence: Vec::new(),
+            assertion: None,
         }
     }
 
@@ -546,6 +547,7 @@ mod tests {
                 item("E11.9", 3, false),
             ],
             procedures: vec![],
+            warnings: vec![],
             engine: "test".into(),
             model: "m".into(),
             elapsed_ms: 0.0,

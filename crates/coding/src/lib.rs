@@ -1,7 +1,9 @@
 //! Coding: a note in, ranked and validated ICD-10 codes out, with evidence; and the evaluation
 //! of those predictions against gold codes (micro/macro F1, MAP, top-k, by level and chapter).
 
+pub mod assertion;
 pub mod eval;
+pub mod guidelines;
 pub mod lexical;
 pub mod prediction;
 mod rerank;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::assertion::Assertion;
 use crate::CodingError;
 
 /// A quoted piece of the note supporting a code: `[start, end)` in characters.
@@ -33,6 +34,9 @@ pub struct CodedItem {
     pub billable: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evidence: Vec<EvidenceSpan>,
+    /// Present, negated, uncertain or family history, read around the evidence's mention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion: Option<Assertion>,
 }
 
 /// An engine's answer for one note.
@@ -43,6 +47,10 @@ pub struct NotePrediction {
     pub diagnoses: Vec<CodedItem>,
     /// ICD-10-PCS, ranked.
     pub procedures: Vec<CodedItem>,
+    /// Coding-guideline problems with the assigned codes (headers, missing 7th characters,
+    /// Excludes1 pairs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub engine: String,
     /// What produced it (engine settings and the data it was fitted on).
     pub model: String,

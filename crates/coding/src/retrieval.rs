@@ -13,11 +13,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::assertion::{assertion_of, Assertion};
 use crate::eval::average_precision;
 use crate::lexical::{Lexicon, Ranked};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, EvidenceSpan, NotePrediction};
 use crate::rerank::{Reranker, Signals};
-use crate::text::{sentences, Analyzer};
+use crate::text::{sentences, words, Analyzer};
 use crate::CodingError;
 
 /// A note with its gold codes, to fit the index on.
@@ -621,11 +622,15 @@ impl RetrievalIndex {
                     let code_kind = CodeKind::BOTH[kind];
                     let described = describe(code, code_kind);
                     let assigned = confidence >= c.thresholds[kind];
-                    let evidence = match (&described, assigned) {
+                    let found = match (&described, assigned) {
                         (Some((description, _)), true) => {
                             self.best_sentence(&analyzer, description, &sentence_stems)
                         }
-                        _ => Vec::new(),
+                        _ => None,
+                    };
+                    let (evidence, assertion) = match found {
+                        Some((span, assertion)) => (vec![span], Some(assertion)),
+                        None => (Vec::new(), None),
                     };
                     CodedItem {
                         code: code.clone(),
@@ -635,6 +640,7 @@ impl RetrievalIndex {
                         description: described.as_ref().map(|(d, _)| d.clone()),
                         billable: described.map(|(_, b)| b),
                         evidence,
+                        assertion,
                     }
                 })
                 .collect()
@@ -643,6 +649,7 @@ impl RetrievalIndex {
             id: id.to_string(),
             diagnoses: items(0),
             procedures: items(1),
+            warnings: Vec::new(),
             engine: "retrieval".into(),
             model: format!(
                 "retrieval: tf-idf kNN (k {}, power {}), ICD lexical reranking {:?}{}, fitted on {}",
@@ -660,20 +667,21 @@ impl RetrievalIndex {
         }
     }
 
-    /// The sentence sharing the most (idf-weighted) stems with `description`.
+    /// The sentence sharing the most (idf-weighted) stems with `description`, and the
+    /// assertion read around the first word it shares.
     fn best_sentence(
         &self,
         analyzer: &Analyzer,
         description: &str,
         sentences: &[(crate::text::Span, Vec<String>)],
-    ) -> Vec<EvidenceSpan> {
+    ) -> Option<(EvidenceSpan, Assertion)> {
         let wanted = analyzer.stems(description);
         let weight = |stem: &String| {
             self.vocabulary
                 .get(stem)
                 .map_or(1.0, |&id| self.idf[id as usize])
         };
-        let best = sentences
+        let (score, span) = sentences
             .iter()
             .map(|(span, stems)| {
                 let score: f32 = wanted
@@ -683,15 +691,22 @@ impl RetrievalIndex {
                     .sum();
                 (score, span)
             })
-            .max_by(|a, b| a.0.total_cmp(&b.0));
-        match best {
-            Some((score, span)) if score > 0.0 => vec![EvidenceSpan {
+            .max_by(|a, b| a.0.total_cmp(&b.0))?;
+        if score <= 0.0 {
+            return None;
+        }
+        let mention = words(&span.text)
+            .iter()
+            .position(|w| analyzer.stems(&w.text).iter().any(|s| wanted.contains(s)))
+            .unwrap_or(0);
+        Some((
+            EvidenceSpan {
                 start: span.start,
                 end: span.end,
                 text: span.text.clone(),
-            }],
-            _ => Vec::new(),
-        }
+            },
+            assertion_of(&span.text, mention),
+        ))
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use medcoder_assets::MedcoderHome;
+use medcoder_coding::guidelines::guideline_warnings;
 use medcoder_coding::lexical::Lexicon;
 use medcoder_coding::prediction::read_predictions;
 use medcoder_coding::retrieval::{LabelledNote, RetrievalIndex};
@@ -94,7 +95,10 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     };
     if let Some(input) = &args.input {
         let (id, text) = read_note(input)?;
-        let prediction = index.predict(&id, &text, &describe, lexicon);
+        let mut prediction = index.predict(&id, &text, &describe, lexicon);
+        if let Some(kb) = &kb {
+            prediction.warnings = guideline_warnings(kb, &prediction);
+        }
         match args.format {
             OutputFormat::Json => super::print_json(&prediction)?,
             OutputFormat::Table => print_table(&prediction, args.top)?,
@@ -136,7 +140,10 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
             if note.text.trim().is_empty() {
                 bail!("empty text");
             }
-            let prediction = index.predict(&note.id, &note.text, &describe, lexicon);
+            let mut prediction = index.predict(&note.id, &note.text, &describe, lexicon);
+            if let Some(kb) = &kb {
+                prediction.warnings = guideline_warnings(kb, &prediction);
+            }
             let line = serde_json::to_string(&prediction)?;
             let mut w = writer
                 .lock()
@@ -329,6 +336,9 @@ pub(crate) fn split_notes(db: &Path, dataset: &str, split: &str) -> anyhow::Resu
 
 fn print_table(p: &NotePrediction, top: usize) -> anyhow::Result<()> {
     outln!("note {} · {} · {:.1} ms", p.id, p.model, p.elapsed_ms);
+    for warning in &p.warnings {
+        outln!("warning: {warning}");
+    }
     for kind in CodeKind::BOTH {
         outln!(
             "\n{:<4} {:<9} {:>5} {:<8} {}",
@@ -350,7 +360,14 @@ fn print_table(p: &NotePrediction, top: usize) -> anyhow::Result<()> {
                     .unwrap_or("(not in the US code set)")
             );
             for e in &c.evidence {
-                outln!("{:<29} [{}..{}] \"{}\"", "", e.start, e.end, e.text);
+                let assertion = c.assertion.map(|a| format!(" ({a:?})")).unwrap_or_default();
+                outln!(
+                    "{:<29} [{}..{}] \"{}\"{assertion}",
+                    "",
+                    e.start,
+                    e.end,
+                    e.text
+                );
             }
         }
     }
