@@ -208,6 +208,76 @@ fn lora_training_learns_checkpoints_and_writes_a_peft_adapter() {
         "--max-tokens",
         "3",
     ]));
+    assert_llm_engine_writes_only_allowed_codes(&fx, &model, &adapter_dir);
+}
+
+/// The trained adapter codes the validation notes through the llm engine: whatever a tiny
+/// random model prefers, constrained decoding lets it write only codes of the training notes.
+fn assert_llm_engine_writes_only_allowed_codes(fx: &Fixture, model: &str, adapter: &str) {
+    let preds = fx.dir.path().join("llm-preds.jsonl");
+    let db = fx.db();
+    let code = [
+        "code",
+        "--engine",
+        "llm",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--db",
+        &db,
+        "--dataset",
+        "mimic-iv",
+        "--device",
+        "cpu",
+    ];
+    let split = [
+        "--split",
+        "validation",
+        "--out",
+        preds.to_str().expect("utf-8"),
+    ];
+    assert_ok(&fx.run(&[&code[..], &split[..]].concat()));
+    let store = Store::open(Path::new(&db)).expect("open the database");
+    let mut allowed = std::collections::HashSet::new();
+    for id in store
+        .document_ids("mimic-iv", Some(medcoder_store::Split::Train))
+        .expect("ids")
+    {
+        let doc = store
+            .document("mimic-iv", &id)
+            .expect("read")
+            .expect("listed");
+        if doc.icd_version == Some(10) {
+            allowed.extend(doc.diagnoses.into_iter().chain(doc.procedures));
+        }
+    }
+    drop(store);
+    let lines = std::fs::read_to_string(&preds).expect("predictions");
+    let mut codes = 0;
+    for line in lines.lines() {
+        let p: Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(p["engine"], "llm");
+        for kind in ["diagnoses", "procedures"] {
+            for c in p[kind].as_array().expect("a list") {
+                let code = c["code"].as_str().expect("a code");
+                assert!(allowed.contains(code), "{code} is not a training code");
+                codes += 1;
+            }
+        }
+    }
+    assert!(lines.lines().count() > 0 && codes > 0, "{lines}");
+    assert_ok(&fx.run(&[
+        "eval",
+        "--pred",
+        preds.to_str().expect("utf-8"),
+        "--gold",
+        &db,
+        "--dataset",
+        "mimic-iv",
+        "--split",
+        "validation",
+    ]));
 }
 
 #[test]

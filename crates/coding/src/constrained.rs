@@ -220,6 +220,21 @@ impl AnswerGrammar {
     }
 }
 
+impl AnswerGrammar {
+    /// The whole codes of an answer cut short (by a token limit), in order.
+    pub fn parse_prefix(&self, text: &str) -> Vec<(String, CodeKind)> {
+        let body: String = text.chars().skip(self.prefix.len()).collect();
+        let separator: String = self.separator.iter().collect();
+        let suffix: String = self.suffix.iter().collect();
+        body.split(separator.as_str())
+            .filter_map(|part| {
+                let code = part.strip_suffix(suffix.as_str()).unwrap_or(part);
+                self.trie.kind_of(code).map(|k| (code.to_string(), k))
+            })
+            .collect()
+    }
+}
+
 /// The processor: forbids every token that would leave the grammar, and the end-of-sequence
 /// tokens until the answer may end.
 pub struct ConstrainedCodes {
@@ -393,6 +408,14 @@ mod tests {
             ]
         );
         assert!(grammar.parse("R5").is_none() && grammar.parse("R51, ").is_none());
+        assert_eq!(
+            grammar.parse_prefix("I10, R51, E11.")[..2],
+            [
+                ("I10".to_string(), CodeKind::Diagnosis),
+                ("R51".to_string(), CodeKind::Diagnosis)
+            ]
+        );
+        assert_eq!(grammar.parse_prefix("I10, R51, E11.").len(), 2);
     }
 
     fn next_random(state: &mut u64) -> u64 {

@@ -6,6 +6,7 @@ pub mod constrained;
 pub mod eval;
 pub mod guidelines;
 pub mod lexical;
+pub mod llm;
 pub mod prediction;
 mod rerank;
 pub mod retrieval;

@@ -20,5 +20,7 @@ pub use config::TrainConfig;
 pub use error::TrainError;
 pub use plot::plot_loss_curves;
 pub use prompt::{CodeList, PromptTemplate};
-pub use tokenize::{tokenize_dataset, LengthStats, TokenizeOptions, TokenizeReport, Truncation};
+pub use tokenize::{
+    coding_prompt_text, tokenize_dataset, LengthStats, TokenizeOptions, TokenizeReport, Truncation,
+};
 pub use trainer::{TrainEvent, TrainSummary, Trainer};

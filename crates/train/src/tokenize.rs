@@ -93,27 +93,49 @@ struct Outcome {
     over_limit: bool,
 }
 
+/// The prompt through the model's chat template (ending where the answer begins), or the
+/// bare user text on a line of its own when the model has none.
+fn prompt_text(tokenizer: &ModelTokenizer, messages: &[ChatMessage]) -> Result<String, TrainError> {
+    match &tokenizer.chat_template {
+        Some(template) => Ok(template.render(
+            messages,
+            true,
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )?),
+        None => {
+            let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+            Ok(format!("{}\n", text.join("\n\n")))
+        }
+    }
+}
+
+fn coding_messages(template: &PromptTemplate, note: &str) -> Vec<ChatMessage> {
+    let mut messages = Vec::new();
+    if let Some(system) = &template.system {
+        messages.push(ChatMessage::new("system", system.clone()));
+    }
+    messages.push(ChatMessage::new("user", template.user_text(note)));
+    messages
+}
+
+/// The text a coding model is prompted with for `note`, exactly as training builds it.
+pub fn coding_prompt_text(
+    tokenizer: &ModelTokenizer,
+    template: &PromptTemplate,
+    note: &str,
+) -> Result<String, TrainError> {
+    prompt_text(tokenizer, &coding_messages(template, note))
+}
+
 struct Encoder<'a> {
     tokenizer: &'a ModelTokenizer,
     options: &'a TokenizeOptions,
 }
 
 impl Encoder<'_> {
-    /// The prompt through the model's chat template (ending where the answer begins), or the
-    /// bare user text on a line of its own when the model has none.
     fn prompt_text(&self, messages: &[ChatMessage]) -> Result<String, TrainError> {
-        match &self.tokenizer.chat_template {
-            Some(template) => Ok(template.render(
-                messages,
-                true,
-                self.tokenizer.bos_token.as_deref(),
-                self.tokenizer.eos_token.as_deref(),
-            )?),
-            None => {
-                let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-                Ok(format!("{}\n", text.join("\n\n")))
-            }
-        }
+        prompt_text(self.tokenizer, messages)
     }
 
     fn completion_ids(&self, answer: &str) -> Result<Vec<u32>, TrainError> {
@@ -125,13 +147,7 @@ impl Encoder<'_> {
     }
 
     fn coding_messages(&self, note: &str) -> Vec<ChatMessage> {
-        let template = &self.options.template;
-        let mut messages = Vec::new();
-        if let Some(system) = &template.system {
-            messages.push(ChatMessage::new("system", system.clone()));
-        }
-        messages.push(ChatMessage::new("user", template.user_text(note)));
-        messages
+        coding_messages(&self.options.template, note)
     }
 
     fn row(

@@ -51,7 +51,8 @@ pub fn run(args: CodeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode>
     let kb = IcdKnowledge::load(home).ok();
     let lexicon = kb.as_ref().map(|kb| kb as &dyn Lexicon);
     let started = Instant::now();
-    let index = super::code::retrieval_index(&args.db, &args.dataset, &args.fit_splits, lexicon)?;
+    let index =
+        super::code_engine::retrieval_index(&args.db, &args.dataset, &args.fit_splits, lexicon)?;
     let index_load_s = started.elapsed().as_secs_f64();
     let source = super::code::split_notes(&args.db, &args.dataset, &args.split)?;
     let notes: Vec<(String, String)> = (0..args.notes)

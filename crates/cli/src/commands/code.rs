@@ -12,12 +12,12 @@ use std::sync::Mutex;
 use anyhow::{bail, Context};
 use medcoder_assets::MedcoderHome;
 use medcoder_coding::guidelines::guideline_warnings;
-use medcoder_coding::lexical::Lexicon;
 use medcoder_coding::prediction::read_predictions;
-use medcoder_coding::retrieval::{LabelledNote, RetrievalIndex};
 use medcoder_coding::{CodeKind, NotePrediction};
 use medcoder_icd::IcdKnowledge;
 use medcoder_store::{Split, Store};
+
+use super::code_engine::{Engine, EngineArgs};
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -43,18 +43,8 @@ pub struct CodeArgs {
     /// an interrupted run continues where it stopped.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The coding engine (`retrieval`; `llm` and `openai` are not built yet).
-    #[arg(long, default_value = "retrieval")]
-    engine: String,
-    /// The prepared database the retrieval engine is fitted from (`medcoder prepare`).
-    #[arg(long)]
-    db: PathBuf,
-    /// The dataset in it.
-    #[arg(long)]
-    dataset: String,
-    /// Splits whose labelled notes the engine is fitted on.
-    #[arg(long, value_delimiter = ',', default_value = "train")]
-    fit_splits: Vec<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
     #[arg(long, value_enum, default_value = "table")]
     format: OutputFormat,
     /// Codes per kind shown in the table.
@@ -74,12 +64,6 @@ pub(crate) struct BatchNote {
 }
 
 pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
-    if args.engine != "retrieval" {
-        bail!(
-            "unknown or unavailable engine `{}`: this build has `retrieval` (the `llm` and `openai` engines are not built yet)",
-            args.engine
-        );
-    }
     let kb = match IcdKnowledge::load(home) {
         Ok(kb) => Some(kb),
         Err(error) => {
@@ -87,15 +71,14 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let lexicon = kb.as_ref().map(|kb| kb as &dyn Lexicon);
-    let index = retrieval_index(&args.db, &args.dataset, &args.fit_splits, lexicon)?;
+    let engine = Engine::build(&args.engine, kb.as_ref(), home)?;
     let describe = |code: &str, _kind: CodeKind| -> Option<(String, bool)> {
         let info = kb.as_ref()?.lookup(code).ok()?;
         Some((info.description, info.billable))
     };
     if let Some(input) = &args.input {
         let (id, text) = read_note(input)?;
-        let mut prediction = index.predict(&id, &text, &describe, lexicon);
+        let mut prediction = engine.predict(&id, &text, &describe)?;
         if let Some(kb) = &kb {
             prediction.warnings = guideline_warnings(kb, &prediction);
         }
@@ -110,7 +93,7 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     }
     let notes: Vec<BatchNote> = match (&args.batch, &args.split) {
         (Some(file), _) => read_batch(file)?,
-        (None, Some(split)) => split_notes(&args.db, &args.dataset, split)?,
+        (None, Some(split)) => split_notes(&args.engine.db, &args.engine.dataset, split)?,
         (None, None) => bail!("give a note file (or `-`), --batch FILE or --split NAME"),
     };
     let Some(out) = &args.out else {
@@ -135,12 +118,12 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     let writer = Mutex::new(std::io::BufWriter::new(file));
     let bar = indicatif::ProgressBar::new(todo.len() as u64);
     let failures = Mutex::new(Vec::new());
-    todo.par_iter().for_each(|note| {
+    let code_one = |note: &&BatchNote| {
         let result = (|| -> anyhow::Result<()> {
             if note.text.trim().is_empty() {
                 bail!("empty text");
             }
-            let mut prediction = index.predict(&note.id, &note.text, &describe, lexicon);
+            let mut prediction = engine.predict(&note.id, &note.text, &describe)?;
             if let Some(kb) = &kb {
                 prediction.warnings = guideline_warnings(kb, &prediction);
             }
@@ -157,7 +140,12 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
             }
         }
         bar.inc(1);
-    });
+    };
+    if engine.parallel() {
+        todo.par_iter().for_each(code_one);
+    } else {
+        todo.iter().for_each(code_one);
+    }
     bar.finish_and_clear();
     writer
         .into_inner()
@@ -178,69 +166,6 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         failures.len()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The fitted index, from its cache beside the database when that was fitted on the same notes.
-pub(crate) fn retrieval_index(
-    db: &Path,
-    dataset: &str,
-    fit_splits: &[String],
-    lexicon: Option<&dyn Lexicon>,
-) -> anyhow::Result<RetrievalIndex> {
-    let splits: Vec<Split> = fit_splits
-        .iter()
-        .map(|s| s.parse::<Split>())
-        .collect::<Result<_, _>>()?;
-    let store = Store::open(db)?;
-    let names: Vec<&str> = splits.iter().map(|s| s.as_str()).collect();
-    let mut notes = Vec::new();
-    store.for_each_coding_batch(dataset, false, 512, |batch| {
-        notes.extend(
-            batch
-                .into_iter()
-                .filter(|e| e.split.as_deref().is_some_and(|s| names.contains(&s)))
-                .map(|e| LabelledNote {
-                    id: e.doc_id,
-                    text: e.text,
-                    diagnoses: e.diagnoses,
-                    procedures: e.procedures,
-                }),
-        );
-        Ok(())
-    })?;
-    notes.sort_by(|a, b| a.id.cmp(&b.id));
-    let cache = db.with_file_name(format!(
-        "{}.retrieval.{dataset}.{}.json",
-        db.file_stem().and_then(|s| s.to_str()).unwrap_or("db"),
-        names.join("+")
-    ));
-    // The lexical part is calibrated only when fitted with a code set.
-    let fingerprint = format!(
-        "{}{}",
-        RetrievalIndex::fingerprint_of(&notes),
-        if lexicon.is_some() { "+lexical" } else { "" }
-    );
-    if let Ok(text) = fs_err::read_to_string(&cache) {
-        match RetrievalIndex::from_json(&text) {
-            Ok(index) if index.fingerprint == fingerprint => {
-                tracing::info!(cache = %cache.display(), "retrieval index from cache");
-                return Ok(index);
-            }
-            _ => tracing::info!(cache = %cache.display(), "retrieval cache stale: refitting"),
-        }
-    }
-    let fitted_on = format!("{dataset} {} ({} notes)", names.join("+"), notes.len());
-    let mut index = RetrievalIndex::fit(&notes, fitted_on, lexicon).with_context(|| {
-        format!(
-            "fitting the retrieval engine on {} of {}",
-            names.join("+"),
-            db.display()
-        )
-    })?;
-    index.fingerprint = fingerprint;
-    tracing::info!(calibration = ?index.calibration, "retrieval index fitted");
-    medcoder_train::atomic::write_file(&cache, index.to_json()?.as_bytes())?;
-    Ok(index)
 }
 
 /// A note from a file or stdin: (id, text). Binary, non-UTF-8, PDF and empty input are refused.

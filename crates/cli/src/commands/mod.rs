@@ -13,6 +13,7 @@ pub mod bench_code;
 pub mod bench_generate;
 pub mod bench_train;
 pub mod code;
+pub mod code_engine;
 pub mod eval;
 pub mod generate;
 pub mod icd;
