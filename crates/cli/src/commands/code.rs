@@ -132,6 +132,8 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("writer poisoned"))?;
             writeln!(w, "{line}")?;
+            // Each coded note reaches the file at once: a killed run loses none of them.
+            w.flush()?;
             Ok(())
         })();
         if let Err(error) = result {
