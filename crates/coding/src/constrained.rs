@@ -187,6 +187,42 @@ impl AnswerGrammar {
         current
     }
 
+    /// Whether `text` can follow from `states` (what [`Self::advance`] answers, without its
+    /// allocations: this runs once per vocabulary token per generated token).
+    fn admits(&self, states: &[State], text: &[char]) -> bool {
+        const MAX: usize = 8;
+        let mut current = [State::End; MAX];
+        let mut len = states.len();
+        if len > MAX {
+            return !self.advance(states, text).is_empty();
+        }
+        current[..len].copy_from_slice(states);
+        let mut out = Vec::new();
+        for &c in text {
+            let mut next = [State::End; MAX];
+            let mut next_len = 0;
+            for &s in &current[..len] {
+                out.clear();
+                self.step(s, c, &mut out);
+                for &n in &out {
+                    if !next[..next_len].contains(&n) {
+                        if next_len == MAX {
+                            return !self.advance(states, text).is_empty();
+                        }
+                        next[next_len] = n;
+                        next_len += 1;
+                    }
+                }
+            }
+            if next_len == 0 {
+                return false;
+            }
+            current = next;
+            len = next_len;
+        }
+        true
+    }
+
     /// Whether the answer may end here.
     fn accepts(&self, states: &[State]) -> bool {
         states.iter().any(|s| match *s {
@@ -291,9 +327,7 @@ impl LogitsProcessor for ConstrainedCodes {
                 accepts
             } else {
                 match self.token_texts.get(id).and_then(|t| t.as_deref()) {
-                    Some(text) if !text.is_empty() => {
-                        !self.grammar.advance(&self.states, text).is_empty()
-                    }
+                    Some(text) if !text.is_empty() => self.grammar.admits(&self.states, text),
                     _ => false,
                 }
             };
