@@ -109,21 +109,13 @@ fn with_the_code_set_codes_carry_descriptions_and_evidence() {
     assert!(quoted.contains("diabetes"), "{quoted}");
     assert_eq!(top["assertion"], "present");
     // A denied finding is flagged, and an assigned header code is warned about.
-    let run = code_note(
-        home.root(),
-        &db,
-        &["--format", "json"],
-        "The patient denies diabetes mellitus.",
-    );
-    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    let json_of = |note: &str| -> Value {
+        let run = code_note(home.root(), &db, &["--format", "json"], note);
+        serde_json::from_str(&run.stdout).unwrap()
+    };
+    let p = json_of("The patient denies diabetes mellitus.");
     assert_eq!(p["diagnoses"][0]["assertion"], "negated", "{p}");
-    let run = code_note(
-        home.root(),
-        &db,
-        &["--format", "json"],
-        "Community acquired pneumonia with fever and productive cough.",
-    );
-    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    let p = json_of("Community acquired pneumonia with fever and productive cough.");
     let warnings = p["warnings"].to_string();
     assert!(warnings.contains("R51"), "{p}");
 }
