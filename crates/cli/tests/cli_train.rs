@@ -267,6 +267,46 @@ fn assert_llm_engine_writes_only_allowed_codes(fx: &Fixture, model: &str, adapte
         }
     }
     assert!(lines.lines().count() > 0 && codes > 0, "{lines}");
+    // Against the US code set (where it is installed): every code reportable as written.
+    if let Some(home) = support::icd_home() {
+        let us = fx.dir.path().join("llm-us.jsonl");
+        let out = [
+            "--allowed",
+            "us-billable",
+            "--out",
+            us.to_str().expect("utf-8"),
+        ];
+        let run = medcoder(
+            home.root(),
+            &[&code[..], &out[..], &["--split", "validation"]].concat(),
+            None,
+        );
+        assert_ok(&run);
+        let kb = medcoder_icd::IcdKnowledge::load(&home).expect("the code sets");
+        let text = std::fs::read_to_string(&us).expect("predictions");
+        for line in text.lines() {
+            let p: Value = serde_json::from_str(line).expect("a JSON line");
+            for kind in ["diagnoses", "procedures"] {
+                for c in p[kind].as_array().expect("a list") {
+                    let code = c["code"].as_str().expect("a code");
+                    assert!(kb.validate(code).is_ok(), "{code} is not reportable");
+                }
+            }
+        }
+    }
+    let run = fx.run(
+        &[
+            &code[..],
+            &["--allowed", "us", "--split", "validation", "--out", "x"],
+        ]
+        .concat(),
+    );
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("medcoder assets fetch"),
+        "{}",
+        run.stderr
+    );
     assert_ok(&fx.run(&[
         "eval",
         "--pred",

@@ -11,6 +11,7 @@ use medcoder_coding::llm::LlmEngine;
 use medcoder_coding::prediction::CodeDescriber;
 use medcoder_coding::retrieval::{LabelledNote, RetrievalIndex};
 use medcoder_coding::{CodeKind, NotePrediction};
+use medcoder_icd::cm::CmKind;
 use medcoder_icd::IcdKnowledge;
 use medcoder_models::DeviceSpec;
 use medcoder_store::{Split, Store};
@@ -41,11 +42,23 @@ pub struct EngineArgs {
     /// llm: the prompt template of `prepare tokens` (YAML); its default otherwise.
     #[arg(long, value_name = "FILE")]
     pub prompt_template: Option<PathBuf>,
+    /// llm: the codes it may write: those of the dataset's fit splits (`dataset`, right for
+    /// CodiEsp's Spanish edition), the US ICD-10-CM/PCS code set (`us`: categories and
+    /// subcategories too) or its reportable codes only (`us-billable`).
+    #[arg(long, value_enum, default_value = "dataset")]
+    pub allowed: AllowedCodes,
     /// llm: prompt tokens at most (longer notes keep their head and tail, with a warning).
     #[arg(long, default_value_t = 2048)]
     pub max_prompt_tokens: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllowedCodes {
+    Dataset,
+    Us,
+    UsBillable,
 }
 
 pub enum Engine<'a> {
@@ -71,7 +84,7 @@ impl<'a> Engine<'a> {
                     lexicon,
                 })
             }
-            "llm" => Ok(Self::Llm(Box::new(llm_engine(args, home)?))),
+            "llm" => Ok(Self::Llm(Box::new(llm_engine(args, kb, home)?))),
             other => bail!(
                 "unknown or unavailable engine `{other}`: this build has `retrieval` and `llm` (`openai` is not built yet)"
             ),
@@ -96,7 +109,11 @@ impl<'a> Engine<'a> {
     }
 }
 
-fn llm_engine(args: &EngineArgs, home: &MedcoderHome) -> anyhow::Result<LlmEngine> {
+fn llm_engine(
+    args: &EngineArgs,
+    kb: Option<&IcdKnowledge>,
+    home: &MedcoderHome,
+) -> anyhow::Result<LlmEngine> {
     let Some(model) = &args.model else {
         bail!("the llm engine needs --model (an asset id, HF folder or GGUF file)")
     };
@@ -113,26 +130,55 @@ fn llm_engine(args: &EngineArgs, home: &MedcoderHome) -> anyhow::Result<LlmEngin
         Some(file) => PromptTemplate::from_yaml_file(file)?,
         None => PromptTemplate::default(),
     };
-    let (notes, names) = fit_notes(&args.db, &args.dataset, &args.fit_splits)?;
-    let mut allowed: Vec<(String, CodeKind)> = notes
-        .iter()
-        .flat_map(|n| {
-            let d = n.diagnoses.iter().map(|c| (c.clone(), CodeKind::Diagnosis));
-            d.chain(
-                n.procedures
-                    .iter()
-                    .map(|c| (c.clone(), CodeKind::Procedure)),
+    let (mut allowed, source) = match args.allowed {
+        AllowedCodes::Dataset => {
+            let (notes, names) = fit_notes(&args.db, &args.dataset, &args.fit_splits)?;
+            let codes: Vec<(String, CodeKind)> = notes
+                .iter()
+                .flat_map(|n| {
+                    let d = n.diagnoses.iter().map(|c| (c.clone(), CodeKind::Diagnosis));
+                    d.chain(
+                        n.procedures
+                            .iter()
+                            .map(|c| (c.clone(), CodeKind::Procedure)),
+                    )
+                })
+                .collect();
+            (codes, format!("{} {}", args.dataset, names.join("+")))
+        }
+        AllowedCodes::Us | AllowedCodes::UsBillable => {
+            let Some(kb) = kb else {
+                bail!("--allowed us needs the ICD code sets: run `medcoder assets fetch`")
+            };
+            let billable_only = args.allowed == AllowedCodes::UsBillable;
+            let cm = kb.cm.entries.iter().filter(|e| {
+                matches!(
+                    e.kind,
+                    CmKind::Category | CmKind::Subcategory | CmKind::Extended
+                ) && (e.billable || !billable_only)
+            });
+            let codes = cm
+                .map(|e| (e.code.clone(), CodeKind::Diagnosis))
+                .chain(
+                    kb.pcs
+                        .codes
+                        .iter()
+                        .map(|e| (e.code.clone(), CodeKind::Procedure)),
+                )
+                .collect();
+            let which = if billable_only { "reportable " } else { "" };
+            (
+                codes,
+                format!(
+                    "the US {which}code set ({} / {})",
+                    kb.cm.version, kb.pcs.version
+                ),
             )
-        })
-        .collect();
+        }
+    };
     allowed.sort();
     allowed.dedup();
-    name += &format!(
-        ", constrained to the {} codes of {} {}",
-        allowed.len(),
-        args.dataset,
-        names.join("+")
-    );
+    name += &format!(", constrained to the {} codes of {source}", allowed.len());
     Ok(LlmEngine::new(
         loaded,
         template,
