@@ -9,8 +9,8 @@ use medcoder_icd::{CodeSystem, IcdKnowledge, SearchFilter};
 
 use crate::text::sentences;
 
-/// Hits kept per sentence and system.
-const HITS_PER_SENTENCE: usize = 5;
+/// Hits kept per clause and code set.
+const HITS_PER_CLAUSE: usize = 5;
 /// Candidates kept per kind.
 const CANDIDATES: usize = 60;
 
@@ -33,12 +33,12 @@ impl Lexicon for IcdKnowledge {
         };
         for sentence in sentences(text) {
             for clause in clauses(&sentence.text) {
-                let hits = self.search(clause, 4 * HITS_PER_SENTENCE, filter);
+                let hits = self.search(clause, 4 * HITS_PER_CLAUSE, filter);
                 for (kind, system) in [CodeSystem::Cm, CodeSystem::Pcs].into_iter().enumerate() {
                     let mine: Vec<_> = hits
                         .iter()
                         .filter(|h| h.system == system)
-                        .take(HITS_PER_SENTENCE)
+                        .take(HITS_PER_CLAUSE)
                         .collect();
                     let Some(best) = mine.first().map(|h| h.score).filter(|s| *s > 0.0) else {
                         continue;

@@ -66,12 +66,13 @@ pub struct RetrievalIndex {
     codes: Vec<(String, CodeKind)>,
     /// Share of the fitted notes carrying each code.
     prior: Vec<f32>,
-    /// Per kind: code ids, most frequent first (the rankings' tail).
-    frequent: [Vec<u32>; 2],
     rerankers: [Option<Reranker>; 2],
     /// Per kind: every code id of that kind.
     #[serde(skip)]
-    frequent_all: [Vec<u32>; 2],
+    codes_of_kind: [Vec<u32>; 2],
+    /// Per kind: the most frequent code ids, most frequent first (the rankings' tail).
+    #[serde(skip)]
+    frequent: [Vec<u32>; 2],
     #[serde(skip)]
     code_index: HashMap<(String, CodeKind), u32>,
     /// Per code: the sum of the vectors of the notes carrying it, and its squared norm.
@@ -91,8 +92,9 @@ const RANKING_LENGTH: usize = 50;
 const CENTROID_CANDIDATES: usize = 30;
 
 impl RetrievalIndex {
-    /// Hash of what [`Self::fit`] would be fitted on.
-    pub fn fingerprint_of(notes: &[LabelledNote]) -> String {
+    /// Hash of what [`Self::fit`] would be fitted on (`lexical`: with a lexicon, which the
+    /// calibration depends on).
+    pub fn fingerprint_of(notes: &[LabelledNote], lexical: bool) -> String {
         let mut hash = Sha256::new();
         hash.update(INDEX_FORMAT.to_le_bytes());
         for note in notes {
@@ -105,7 +107,8 @@ impl RetrievalIndex {
                 hash.update([1]);
             }
         }
-        hex::encode(hash.finalize())
+        let lexical = if lexical { "+lexical" } else { "" };
+        format!("{}{lexical}", hex::encode(hash.finalize()))
     }
 
     pub fn fit(
@@ -146,7 +149,7 @@ impl RetrievalIndex {
             .collect();
         let mut index = Self {
             fitted_on,
-            fingerprint: Self::fingerprint_of(notes),
+            fingerprint: Self::fingerprint_of(notes, lexicon.is_some()),
             calibration: Calibration {
                 neighbours: 10,
                 power: 1.0,
@@ -161,9 +164,9 @@ impl RetrievalIndex {
             doc_codes: Vec::new(),
             codes: Vec::new(),
             prior: Vec::new(),
-            frequent: Default::default(),
             rerankers: [None, None],
-            frequent_all: Default::default(),
+            codes_of_kind: Default::default(),
+            frequent: Default::default(),
             code_index: HashMap::new(),
             centroids: Vec::new(),
             postings: Vec::new(),
@@ -196,28 +199,17 @@ impl RetrievalIndex {
                 index.prior[*id as usize] += 1.0 / n;
             }
         }
-        for (kind, list) in index.frequent.iter_mut().enumerate() {
-            *list = (0..index.codes.len() as u32)
-                .filter(|&c| index.codes[c as usize].1 == CodeKind::BOTH[kind])
-                .collect();
-            list.sort_by(|a, b| {
-                index.prior[*b as usize]
-                    .total_cmp(&index.prior[*a as usize])
-                    .then(a.cmp(b))
-            });
-            list.truncate(RANKING_LENGTH);
-        }
-        index.build_postings();
+        index.derive_tables();
         let lexical: Option<Vec<PerKind>> =
             lexicon.map(|l| notes.par_iter().map(|n| l.candidates(&n.text)).collect());
         index.calibrate(lexical.as_deref());
         Ok(index)
     }
 
-    /// Read back from JSON (the postings are rebuilt).
+    /// Read back from JSON (what [`Self::derive_tables`] builds is rebuilt).
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         let mut index: Self = serde_json::from_str(text)?;
-        index.build_postings();
+        index.derive_tables();
         Ok(index)
     }
 
@@ -225,15 +217,22 @@ impl RetrievalIndex {
         serde_json::to_string(self)
     }
 
-    pub fn notes(&self) -> usize {
-        self.docs.len()
-    }
-
-    fn build_postings(&mut self) {
-        self.frequent_all = [0, 1].map(|kind| {
+    /// Everything that follows from the notes' vectors, codes and priors: codes by kind and
+    /// by frequency, code ids by name, code centroids, postings.
+    fn derive_tables(&mut self) {
+        self.codes_of_kind = [0, 1].map(|kind| {
             (0..self.codes.len() as u32)
                 .filter(|&c| self.codes[c as usize].1 == CodeKind::BOTH[kind])
                 .collect()
+        });
+        self.frequent = self.codes_of_kind.clone().map(|mut list| {
+            list.sort_by(|a, b| {
+                self.prior[*b as usize]
+                    .total_cmp(&self.prior[*a as usize])
+                    .then(a.cmp(b))
+            });
+            list.truncate(RANKING_LENGTH);
+            list
         });
         let mut sums: Vec<HashMap<u32, f32>> = vec![HashMap::new(); self.codes.len()];
         for (vector, per_kind) in self.docs.iter().zip(&self.doc_codes) {
@@ -395,7 +394,7 @@ impl RetrievalIndex {
         for &(term, w) in query {
             dense[term as usize] = w;
         }
-        let mut ranked: Vec<(u32, f32)> = self.frequent_all[kind]
+        let mut ranked: Vec<(u32, f32)> = self.codes_of_kind[kind]
             .iter()
             .filter_map(|&code| {
                 let (sum, norm2) = &self.centroids[code as usize];

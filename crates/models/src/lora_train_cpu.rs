@@ -130,6 +130,18 @@ struct LoraSaved {
     draw: Option<DropoutDraw>,
 }
 
+/// A covered layer's frozen weight (out, in), bias and LoRA update.
+fn dense_parts(linear: &Linear) -> Result<(&Tensor, Option<&Tensor>, Option<&LoraLinear>)> {
+    let (base, lora) = match linear {
+        Linear::Lora(lora) => (&lora.base, Some(lora.as_ref())),
+        other => (other, None),
+    };
+    let Linear::Dense { weight, bias } = base else {
+        bail!("CPU training path: a base layer that is not dense")
+    };
+    Ok((weight, bias.as_ref(), lora))
+}
+
 /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` into `y` (tokens, out).
 fn linear_forward(
     linear: &Linear,
@@ -138,13 +150,7 @@ fn linear_forward(
     replay: Option<Option<DropoutDraw>>,
     y: &mut [f32],
 ) -> Result<Option<LoraSaved>> {
-    let (base, lora) = match linear {
-        Linear::Lora(lora) => (&lora.base, Some(lora.as_ref())),
-        other => (other, None),
-    };
-    let Linear::Dense { weight, bias } = base else {
-        bail!("CPU training path: a base layer that is not dense")
-    };
+    let (weight, bias, lora) = dense_parts(linear)?;
     let (out, inp) = weight.dims2()?;
     let w = Held::new(weight)?;
     k::matmul(
@@ -207,13 +213,7 @@ fn linear_backward(
     accumulate: bool,
     grads: &mut Vec<(TensorId, Tensor)>,
 ) -> Result<()> {
-    let (base, lora) = match linear {
-        Linear::Lora(lora) => (&lora.base, Some(lora.as_ref())),
-        other => (other, None),
-    };
-    let Linear::Dense { weight, .. } = base else {
-        bail!("CPU training path: a base layer that is not dense")
-    };
+    let (weight, _, lora) = dense_parts(linear)?;
     let (out, inp) = weight.dims2()?;
     let w = Held::new(weight)?;
     k::matmul(

@@ -1,28 +1,23 @@
-//! `medcoder bench code`: notes/s and per-note latency of a coding engine on the notes of a
+//! `medcoder bench code`: notes/s and per-note latency of a coding engine (any `--engine`) on the notes of a
 //! prepared split, each cut to about `--note-chars` characters (2 KB by default, at a
 //! sentence end): latency one note at a time, throughput with every thread busy.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use medcoder_assets::MedcoderHome;
-use medcoder_coding::lexical::Lexicon;
-use medcoder_icd::IcdKnowledge;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::code_engine::{describer, load_code_sets, split_notes, Engine, EngineArgs};
+
 #[derive(Debug, clap::Args)]
 pub struct CodeBenchArgs {
-    #[arg(long)]
-    db: PathBuf,
-    #[arg(long)]
-    dataset: String,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// The split whose notes are coded.
     #[arg(long, default_value = "validation")]
     split: String,
-    #[arg(long, value_delimiter = ',', default_value = "train")]
-    fit_splits: Vec<String>,
     /// Notes coded (taken in id order, repeated if the split has fewer).
     #[arg(long, default_value_t = 200)]
     notes: usize,
@@ -48,42 +43,38 @@ struct CodeBenchReport {
 }
 
 pub fn run(args: CodeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
-    let kb = IcdKnowledge::load(home).ok();
-    let lexicon = kb.as_ref().map(|kb| kb as &dyn Lexicon);
+    let kb = load_code_sets(home);
     let started = Instant::now();
-    let index =
-        super::code_engine::retrieval_index(&args.db, &args.dataset, &args.fit_splits, lexicon)?;
+    let engine = Engine::build(&args.engine, kb.as_ref(), home)?;
     let index_load_s = started.elapsed().as_secs_f64();
-    let source = super::code::split_notes(&args.db, &args.dataset, &args.split)?;
+    let source = split_notes(&args.engine.db, &args.engine.dataset, &args.split)?;
     let notes: Vec<(String, String)> = (0..args.notes)
         .map(|i| {
             let note = &source[i % source.len()];
             (format!("{}#{i}", note.id), cut(&note.text, args.note_chars))
         })
         .collect();
-    let describe = |code: &str, _| {
-        let info = kb.as_ref()?.lookup(code).ok()?;
-        Some((info.description, info.billable))
-    };
+    let describe = describer(kb.as_ref());
     // Latency: one note at a time.
-    let mut latencies: Vec<f64> = notes
-        .iter()
-        .map(|(id, text)| {
-            let t = Instant::now();
-            let _ = index.predict(id, text, &describe, lexicon);
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
+    let mut latencies = Vec::with_capacity(notes.len());
+    for (id, text) in &notes {
+        let t = Instant::now();
+        engine.predict(id, text, &describe)?;
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+    }
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
-    // Throughput: all threads.
+    // Throughput: all threads (one note at a time for engines that use them all).
     let t = Instant::now();
-    notes.par_iter().for_each(|(id, text)| {
-        let _ = index.predict(id, text, &describe, lexicon);
-    });
+    let code = |(id, text): &(String, String)| engine.predict(id, text, &describe).map(drop);
+    if engine.parallel() {
+        notes.par_iter().try_for_each(code)?;
+    } else {
+        notes.iter().try_for_each(code)?;
+    }
     let notes_per_s = notes.len() as f64 / t.elapsed().as_secs_f64();
     let report = CodeBenchReport {
-        engine: "retrieval".into(),
+        engine: args.engine.engine.clone(),
         machine: super::bench::machine(),
         threads: rayon::current_num_threads(),
         notes: notes.len(),

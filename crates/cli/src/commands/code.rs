@@ -14,10 +14,8 @@ use medcoder_assets::MedcoderHome;
 use medcoder_coding::guidelines::guideline_warnings;
 use medcoder_coding::prediction::read_predictions;
 use medcoder_coding::{CodeKind, NotePrediction};
-use medcoder_icd::IcdKnowledge;
-use medcoder_store::{Split, Store};
 
-use super::code_engine::{Engine, EngineArgs};
+use super::code_engine::{describer, load_code_sets, split_notes, Engine, EngineArgs};
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -58,24 +56,15 @@ pub struct CodeArgs {
 
 /// A line of a batch file.
 #[derive(Debug, Deserialize)]
-pub(crate) struct BatchNote {
-    pub id: String,
-    pub text: String,
+struct BatchNote {
+    id: String,
+    text: String,
 }
 
 pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
-    let kb = match IcdKnowledge::load(home) {
-        Ok(kb) => Some(kb),
-        Err(error) => {
-            tracing::warn!(%error, "no ICD knowledge base (run `medcoder assets fetch`): no lexical matching, descriptions or evidence");
-            None
-        }
-    };
+    let kb = load_code_sets(home);
     let engine = Engine::build(&args.engine, kb.as_ref(), home)?;
-    let describe = |code: &str, _kind: CodeKind| -> Option<(String, bool)> {
-        let info = kb.as_ref()?.lookup(code).ok()?;
-        Some((info.description, info.billable))
-    };
+    let describe = describer(kb.as_ref());
     if let Some(input) = &args.input {
         let (id, text) = read_note(input)?;
         let mut prediction = engine.predict(&id, &text, &describe)?;
@@ -93,7 +82,13 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     }
     let notes: Vec<BatchNote> = match (&args.batch, &args.split) {
         (Some(file), _) => read_batch(file)?,
-        (None, Some(split)) => split_notes(&args.engine.db, &args.engine.dataset, split)?,
+        (None, Some(split)) => split_notes(&args.engine.db, &args.engine.dataset, split)?
+            .into_iter()
+            .map(|n| BatchNote {
+                id: n.id,
+                text: n.text,
+            })
+            .collect(),
         (None, None) => bail!("give a note file (or `-`), --batch FILE or --split NAME"),
     };
     let Some(out) = &args.out else {
@@ -232,32 +227,6 @@ fn read_batch(file: &Path) -> anyhow::Result<Vec<BatchNote>> {
             ),
         }
     }
-    Ok(notes)
-}
-
-pub(crate) fn split_notes(db: &Path, dataset: &str, split: &str) -> anyhow::Result<Vec<BatchNote>> {
-    let split = split.parse::<Split>()?.as_str();
-    let store = Store::open(db)?;
-    let mut notes = Vec::new();
-    store.for_each_coding_batch(dataset, false, 512, |batch| {
-        notes.extend(
-            batch
-                .into_iter()
-                .filter(|e| e.split.as_deref() == Some(split))
-                .map(|e| BatchNote {
-                    id: e.doc_id,
-                    text: e.text,
-                }),
-        );
-        Ok(())
-    })?;
-    if notes.is_empty() {
-        bail!(
-            "{dataset} in {} has no notes with text in split {split}",
-            db.display()
-        );
-    }
-    notes.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(notes)
 }
 

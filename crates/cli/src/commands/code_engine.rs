@@ -188,6 +188,40 @@ fn llm_engine(
     )?)
 }
 
+/// The ICD code sets, or `None` with a warning saying what coding loses without them.
+pub fn load_code_sets(home: &MedcoderHome) -> Option<IcdKnowledge> {
+    match IcdKnowledge::load(home) {
+        Ok(kb) => Some(kb),
+        Err(error) => {
+            tracing::warn!(%error, "no ICD knowledge base (run `medcoder assets fetch`): no lexical matching, descriptions or evidence");
+            None
+        }
+    }
+}
+
+/// A code's description and billable flag from the code sets, where they know it.
+pub fn describer(
+    kb: Option<&IcdKnowledge>,
+) -> impl Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + '_ {
+    move |code, _kind| {
+        let info = kb?.lookup(code).ok()?;
+        Some((info.description, info.billable))
+    }
+}
+
+/// The notes with text of `split`, sorted by id; an error when there are none.
+pub fn split_notes(db: &Path, dataset: &str, split: &str) -> anyhow::Result<Vec<LabelledNote>> {
+    let (notes, names) = fit_notes(db, dataset, &[split.to_string()])?;
+    if notes.is_empty() {
+        bail!(
+            "{dataset} in {} has no notes with text in split {}",
+            db.display(),
+            names.join("+")
+        );
+    }
+    Ok(notes)
+}
+
 /// The labelled notes of `fit_splits`, sorted by id, and the splits' names.
 fn fit_notes(
     db: &Path,
@@ -232,12 +266,7 @@ pub(crate) fn retrieval_index(
         db.file_stem().and_then(|s| s.to_str()).unwrap_or("db"),
         names.join("+")
     ));
-    // The lexical part is calibrated only when fitted with a code set.
-    let fingerprint = format!(
-        "{}{}",
-        RetrievalIndex::fingerprint_of(&notes),
-        if lexicon.is_some() { "+lexical" } else { "" }
-    );
+    let fingerprint = RetrievalIndex::fingerprint_of(&notes, lexicon.is_some());
     if let Ok(text) = fs_err::read_to_string(&cache) {
         match RetrievalIndex::from_json(&text) {
             Ok(index) if index.fingerprint == fingerprint => {
@@ -248,14 +277,13 @@ pub(crate) fn retrieval_index(
         }
     }
     let fitted_on = format!("{dataset} {} ({} notes)", names.join("+"), notes.len());
-    let mut index = RetrievalIndex::fit(&notes, fitted_on, lexicon).with_context(|| {
+    let index = RetrievalIndex::fit(&notes, fitted_on, lexicon).with_context(|| {
         format!(
             "fitting the retrieval engine on {} of {}",
             names.join("+"),
             db.display()
         )
     })?;
-    index.fingerprint = fingerprint;
     tracing::info!(calibration = ?index.calibration, "retrieval index fitted");
     medcoder_train::atomic::write_file(&cache, index.to_json()?.as_bytes())?;
     Ok(index)
