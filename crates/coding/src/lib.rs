@@ -3,6 +3,7 @@
 
 pub mod assertion;
 pub mod constrained;
+pub mod engine;
 pub mod eval;
 pub mod guidelines;
 pub mod lexical;
@@ -12,6 +13,7 @@ mod rerank;
 pub mod retrieval;
 pub mod text;
 
+pub use engine::{Coder, EngineConfig, EngineKind};
 pub use prediction::{CodeKind, CodedItem, EvidenceSpan, NotePrediction};
 
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,11 @@ impl LlmEngine {
         })
     }
 
+    /// What the model is: id, adapter and the allowed code set.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn predict(
         &self,
         id: &str,

@@ -9,7 +9,10 @@ use medcoder_assets::MedcoderHome;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::code_engine::{describer, load_code_sets, split_notes, Engine, EngineArgs};
+use medcoder_coding::engine::{load_code_sets, split_notes};
+use medcoder_coding::Coder;
+
+use super::code_engine::EngineArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct CodeBenchArgs {
@@ -45,7 +48,7 @@ struct CodeBenchReport {
 pub fn run(args: CodeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     let kb = load_code_sets(home);
     let started = Instant::now();
-    let engine = Engine::build(&args.engine, kb.as_ref(), home)?;
+    let engine = Coder::build(&args.engine.config(), kb, home)?;
     let index_load_s = started.elapsed().as_secs_f64();
     let source = split_notes(&args.engine.db, &args.engine.dataset, &args.split)?;
     let notes: Vec<(String, String)> = (0..args.notes)
@@ -54,19 +57,18 @@ pub fn run(args: CodeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode>
             (format!("{}#{i}", note.id), cut(&note.text, args.note_chars))
         })
         .collect();
-    let describe = describer(kb.as_ref());
     // Latency: one note at a time.
     let mut latencies = Vec::with_capacity(notes.len());
     for (id, text) in &notes {
         let t = Instant::now();
-        engine.predict(id, text, &describe)?;
+        engine.code(id, text)?;
         latencies.push(t.elapsed().as_secs_f64() * 1e3);
     }
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
     // Throughput: all threads (one note at a time for engines that use them all).
     let t = Instant::now();
-    let code = |(id, text): &(String, String)| engine.predict(id, text, &describe).map(drop);
+    let code = |(id, text): &(String, String)| engine.code(id, text).map(drop);
     if engine.parallel() {
         notes.par_iter().try_for_each(code)?;
     } else {
@@ -74,7 +76,7 @@ pub fn run(args: CodeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode>
     }
     let notes_per_s = notes.len() as f64 / t.elapsed().as_secs_f64();
     let report = CodeBenchReport {
-        engine: args.engine.engine.clone(),
+        engine: args.engine.engine.as_str().to_string(),
         machine: super::bench::machine(),
         threads: rayon::current_num_threads(),
         notes: notes.len(),

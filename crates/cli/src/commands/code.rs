@@ -11,11 +11,11 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 use medcoder_assets::MedcoderHome;
-use medcoder_coding::guidelines::guideline_warnings;
+use medcoder_coding::engine::{load_code_sets, split_notes};
 use medcoder_coding::prediction::read_predictions;
-use medcoder_coding::{CodeKind, NotePrediction};
+use medcoder_coding::{CodeKind, Coder, NotePrediction};
 
-use super::code_engine::{describer, load_code_sets, split_notes, Engine, EngineArgs};
+use super::code_engine::EngineArgs;
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -62,15 +62,10 @@ struct BatchNote {
 }
 
 pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
-    let kb = load_code_sets(home);
-    let engine = Engine::build(&args.engine, kb.as_ref(), home)?;
-    let describe = describer(kb.as_ref());
+    let coder = Coder::build(&args.engine.config(), load_code_sets(home), home)?;
     if let Some(input) = &args.input {
         let (id, text) = read_note(input)?;
-        let mut prediction = engine.predict(&id, &text, &describe)?;
-        if let Some(kb) = &kb {
-            prediction.warnings = guideline_warnings(kb, &prediction);
-        }
+        let prediction = coder.code(&id, &text)?;
         match args.format {
             OutputFormat::Json => super::print_json(&prediction)?,
             OutputFormat::Table => print_table(&prediction, args.top)?,
@@ -115,13 +110,7 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     let failures = Mutex::new(Vec::new());
     let code_one = |note: &&BatchNote| {
         let result = (|| -> anyhow::Result<()> {
-            if note.text.trim().is_empty() {
-                bail!("empty text");
-            }
-            let mut prediction = engine.predict(&note.id, &note.text, &describe)?;
-            if let Some(kb) = &kb {
-                prediction.warnings = guideline_warnings(kb, &prediction);
-            }
+            let prediction = coder.code(&note.id, &note.text)?;
             let line = serde_json::to_string(&prediction)?;
             let mut w = writer
                 .lock()
@@ -138,7 +127,7 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         }
         bar.inc(1);
     };
-    if engine.parallel() {
+    if coder.parallel() {
         todo.par_iter().for_each(code_one);
     } else {
         todo.iter().for_each(code_one);
