@@ -63,6 +63,8 @@ enum Command {
     /// Score predictions against gold codes: micro/macro F1, MAP, top-k, by category and
     /// chapter; a Markdown and JSON report.
     Eval(commands::eval::EvalArgs),
+    /// Serve the coding API and an OpenAI-compatible chat endpoint over HTTP.
+    Serve(commands::serve::ServeArgs),
     /// Benchmarks, each side by side with its floor or anchor in the same run.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -70,7 +72,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.global.verbose, cli.global.log_format);
+    // The server's request log (ids, routes, statuses, timings; never note text) is its
+    // output: it logs at info level by default.
+    let verbose = match cli.command {
+        Command::Serve(_) => cli.global.verbose.max(1),
+        _ => cli.global.verbose,
+    };
+    logging::init(verbose, cli.global.log_format);
     let home = match &cli.global.home {
         Some(dir) => medcoder_assets::MedcoderHome::at(dir),
         None => match medcoder_assets::MedcoderHome::from_env() {
@@ -88,6 +96,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => commands::merge::run(args, &home),
         Command::Code(args) => commands::code::run(args, &home),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Serve(args) => commands::serve::run(args, &home),
         Command::Bench(cmd) => commands::bench::run(cmd, &home),
     };
     match result {

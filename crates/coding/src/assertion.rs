@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::text::words;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Assertion {
     Present,

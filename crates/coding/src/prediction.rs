@@ -10,7 +10,7 @@ use crate::assertion::Assertion;
 use crate::CodingError;
 
 /// A quoted piece of the note supporting a code: `[start, end)` in characters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EvidenceSpan {
     pub start: usize,
     pub end: usize,
@@ -18,7 +18,7 @@ pub struct EvidenceSpan {
 }
 
 /// One code of a note's ranking.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CodedItem {
     pub code: String,
     /// 1-based position in the ranking.
@@ -40,7 +40,7 @@ pub struct CodedItem {
 }
 
 /// An engine's answer for one note.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NotePrediction {
     pub id: String,
     /// ICD-10-CM, ranked.
@@ -69,7 +69,9 @@ impl NotePrediction {
 /// A code's description and billable flag where the code set knows it.
 pub type CodeDescriber<'a> = dyn Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + 'a;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CodeKind {
     Diagnosis,

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod icd;
 pub mod merge;
 pub mod prepare;
+pub mod serve;
 pub mod train;
 
 /// Print a value as pretty JSON on stdout.
