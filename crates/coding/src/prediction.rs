@@ -70,7 +70,17 @@ impl NotePrediction {
 pub type CodeDescriber<'a> = dyn Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + 'a;
 
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum CodeKind {

@@ -106,11 +106,16 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Result<Json<Health>, A
 
 #[utoipa::path(get, path = "/v1/model", responses((status = 200, body = ModelInfo), (status = 503, body = ErrorBody)))]
 pub async fn model_info(State(state): State<Arc<AppState>>) -> Result<Json<ModelInfo>, ApiError> {
-    let coder = state.coder().ok_or_else(|| ApiError::not_ready("the engine"))?;
+    let coder = state
+        .coder()
+        .ok_or_else(|| ApiError::not_ready("the engine"))?;
     let engine = &state.config.engine;
-    let code_sets = coder
-        .code_sets()
-        .map(|kb| format!("ICD-10-CM {} / ICD-10-PCS {}", kb.cm.version, kb.pcs.version));
+    let code_sets = coder.code_sets().map(|kb| {
+        format!(
+            "ICD-10-CM {} / ICD-10-PCS {}",
+            kb.cm.version, kb.pcs.version
+        )
+    });
     Ok(Json(ModelInfo {
         engine: coder.kind.as_str().to_string(),
         model: coder.description.clone(),
@@ -141,7 +146,9 @@ pub async fn code_note(
     let format = OutputFormat::parse(query.format.as_deref())?;
     let id = request.id.unwrap_or_else(|| "note".into());
     check_note(&state, &id, &request.text)?;
-    let queue = state.queue().ok_or_else(|| ApiError::not_ready("the engine"))?;
+    let queue = state
+        .queue()
+        .ok_or_else(|| ApiError::not_ready("the engine"))?;
     let answer = queue.submit(id, request.text).map_err(submit_error)?;
     let prediction = await_prediction(&state, answer).await?;
     Ok(format.render(trim(prediction, &request.options)))
@@ -162,7 +169,9 @@ pub async fn code_batch(
             requests.len()
         )));
     }
-    let queue = state.queue().ok_or_else(|| ApiError::not_ready("the engine"))?;
+    let queue = state
+        .queue()
+        .ok_or_else(|| ApiError::not_ready("the engine"))?;
     let mut results: Vec<BatchItem> = Vec::with_capacity(requests.len());
     let mut to_code = Vec::new();
     let mut options = Vec::new();
@@ -190,7 +199,12 @@ pub async fn code_batch(
     }
     let slots: Vec<usize> = to_code.iter().map(|(slot, _, _)| *slot).collect();
     let answers = queue
-        .submit_all(to_code.into_iter().map(|(_, id, text)| (id, text)).collect())
+        .submit_all(
+            to_code
+                .into_iter()
+                .map(|(_, id, text)| (id, text))
+                .collect(),
+        )
         .map_err(submit_error)?;
     for ((slot, answer), options) in slots.into_iter().zip(answers).zip(options) {
         match await_prediction(&state, answer).await {
@@ -216,11 +230,33 @@ pub async fn openapi_json() -> impl IntoResponse {
 
 #[derive(Debug, OpenApi)]
 #[openapi(
-    info(title = "medcoder", description = "ICD-10 coding of clinical notes, and an OpenAI-compatible chat endpoint."),
-    paths(health, ready, model_info, code_note, code_batch, metrics,
-        crate::chat::chat_completions, crate::chat::list_models),
-    components(schemas(CodeRequest, CodeOptions, BatchResult, BatchItem, ModelInfo, Health, ErrorBody,
-        NotePrediction, medcoder_coding::CodedItem, medcoder_coding::EvidenceSpan, medcoder_coding::CodeKind))
+    info(
+        title = "medcoder",
+        description = "ICD-10 coding of clinical notes, and an OpenAI-compatible chat endpoint."
+    ),
+    paths(
+        health,
+        ready,
+        model_info,
+        code_note,
+        code_batch,
+        metrics,
+        crate::chat::chat_completions,
+        crate::chat::list_models
+    ),
+    components(schemas(
+        CodeRequest,
+        CodeOptions,
+        BatchResult,
+        BatchItem,
+        ModelInfo,
+        Health,
+        ErrorBody,
+        NotePrediction,
+        medcoder_coding::CodedItem,
+        medcoder_coding::EvidenceSpan,
+        medcoder_coding::CodeKind
+    ))
 )]
 pub struct ApiDoc;
 

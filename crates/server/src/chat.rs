@@ -331,7 +331,9 @@ fn generation_loop(
             } = job;
             let result = medcoder_infer::generate(&model, request, Vec::new(), |text| {
                 // Stop as soon as the client is gone.
-                let streaming = stream.as_ref().is_none_or(|s| s.send(text.to_string()).is_ok());
+                let streaming = stream
+                    .as_ref()
+                    .is_none_or(|s| s.send(text.to_string()).is_ok());
                 streaming && !reply.is_closed()
             });
             if let Ok(generation) = &result {
@@ -393,7 +395,10 @@ pub async fn chat_completions(
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             })
         };
-        let first = chunk(serde_json::json!({"role": "assistant", "content": ""}), None);
+        let first = chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            None,
+        );
         let text_chunk = chunk.clone();
         let body = UnboundedReceiverStream::new(pieces)
             .map(move |text| text_chunk(serde_json::json!({"content": text}), None));

@@ -118,10 +118,11 @@ impl Default for AuthConfig {
 impl ServeConfig {
     pub fn from_yaml_file(path: &Path) -> Result<Self, ServerError> {
         let text = fs_err::read_to_string(path)?;
-        let config: Self = serde_yaml::from_str(&text).map_err(|e| {
-            ServerError::Config(format!("{}: {e}", path.display()))
-        })?;
-        config.validate().map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+        let config: Self = serde_yaml::from_str(&text)
+            .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+        config
+            .validate()
+            .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
         Ok(config)
     }
 
@@ -195,7 +196,10 @@ mod tests {
         let config: ServeConfig = serde_yaml::from_str(yaml).expect("parses");
         assert_eq!(config.port, 9000);
         assert_eq!(config.limits.max_note_chars, 1000);
-        assert_eq!(config.limits.queue_capacity, Limits::default().queue_capacity);
+        assert_eq!(
+            config.limits.queue_capacity,
+            Limits::default().queue_capacity
+        );
         let error = serde_yaml::from_str::<ServeConfig>("limits:\n  max_note_char: 3\n")
             .expect_err("unknown field");
         assert!(error.to_string().contains("max_note_char"), "{error}");
@@ -205,11 +209,17 @@ mod tests {
     fn key_hashes_are_checked_and_never_printed() {
         let mut config = ServeConfig::default();
         config.auth.api_key_sha256 = vec!["abc".into()];
-        assert!(config.validate().expect_err("short").contains("api_key_sha256[0]"));
+        assert!(config
+            .validate()
+            .expect_err("short")
+            .contains("api_key_sha256[0]"));
         let hash = hash_api_key("secret");
         config.auth.api_key_sha256 = vec![hash.clone()];
         config.validate().expect("valid");
         let shown = config.resolved_without_secrets();
-        assert!(!shown.contains(&hash) && shown.contains("<1 key hashes>"), "{shown}");
+        assert!(
+            !shown.contains(&hash) && shown.contains("<1 key hashes>"),
+            "{shown}"
+        );
     }
 }

@@ -186,7 +186,10 @@ pub async fn bind(config: ServeConfig, home: MedcoderHome) -> Result<BoundServer
 impl BoundServer {
     /// Serves until `shutdown` resolves, then stops taking connections and lets the requests
     /// in flight finish.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let app = router(self.state.clone());
         axum::serve(
             self.listener,

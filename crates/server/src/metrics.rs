@@ -86,7 +86,10 @@ impl Metrics {
             }
         }
         let gauge = |out: &mut String, name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         gauge(
             &mut out,
@@ -113,7 +116,10 @@ impl Metrics {
         out += "# TYPE medcoder_model_load_seconds gauge\n";
         if let Ok(loads) = self.load_seconds.lock() {
             for (what, seconds) in loads.iter() {
-                let _ = writeln!(out, "medcoder_model_load_seconds{{what=\"{what}\"}} {seconds}");
+                let _ = writeln!(
+                    out,
+                    "medcoder_model_load_seconds{{what=\"{what}\"}} {seconds}"
+                );
             }
         }
         out

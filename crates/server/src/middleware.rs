@@ -96,9 +96,7 @@ impl RateLimiter {
         let Ok(mut buckets) = self.buckets.lock() else {
             return Ok(());
         };
-        let (tokens, last) = buckets
-            .entry(caller.to_string())
-            .or_insert((capacity, now));
+        let (tokens, last) = buckets.entry(caller.to_string()).or_insert((capacity, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_second).min(capacity);
         *last = now;
         if *tokens >= 1.0 {
@@ -172,11 +170,9 @@ fn unauthorized(message: &str) -> Response {
 /// Equal hex digests, compared without an early exit.
 fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x.to_ascii_lowercase() ^ y.to_ascii_lowercase()))
-            == 0
+        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| {
+            acc | (x.to_ascii_lowercase() ^ y.to_ascii_lowercase())
+        }) == 0
 }
 
 #[cfg(test)]

@@ -65,11 +65,17 @@ pub fn run(args: ServeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         config.port = port;
     }
     if let Some(model) = args.chat_model {
-        config.generation.get_or_insert_with(GenerationConfig::default).model = model;
+        config
+            .generation
+            .get_or_insert_with(GenerationConfig::default)
+            .model = model;
     }
     config.validate().map_err(anyhow::Error::msg)?;
     config.engine.dataset_source()?;
-    eprintln!("medcoder serve, resolved config:\n{}", config.resolved_without_secrets());
+    eprintln!(
+        "medcoder serve, resolved config:\n{}",
+        config.resolved_without_secrets()
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("http")
