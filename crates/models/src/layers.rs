@@ -473,8 +473,14 @@ pub fn attention_mask(
         for i in 0..seq {
             let query = past + i;
             for key in 0..kv_len {
-                let visible =
-                    key <= query && key >= pad && sliding_window.is_none_or(|w| query - key < w);
+                // A padding position sees itself only: a row of -inf alone would make NaN
+                // keys and values, which poison every later query through the cache (NaN
+                // scores stay NaN under a -inf mask).
+                let visible = if query < pad {
+                    key == query
+                } else {
+                    key <= query && key >= pad && sliding_window.is_none_or(|w| query - key < w)
+                };
                 if !visible {
                     mask[(row * seq + i) * kv_len + key] = f32::NEG_INFINITY;
                 }
@@ -549,6 +555,13 @@ mod tests {
         assert_eq!(visible(&rows[0][2]), vec![2, 3]);
         // the second row's first position is padding
         assert_eq!(visible(&rows[1][0]), vec![1]);
+        // Prefill of a left-padded row: each padding position sees only itself (never an
+        // all -inf row, whose softmax is NaN), real positions never see padding.
+        let mask = attention_mask(1, 4, 0, None, Some(&[2]), DType::F32, &device)?
+            .ok_or_else(|| candle_core::Error::Msg("expected a mask".into()))?;
+        let rows: Vec<Vec<Vec<f32>>> = mask.squeeze(1)?.to_vec3()?;
+        let seen: Vec<Vec<usize>> = rows[0].iter().map(visible).collect();
+        assert_eq!(seen, vec![vec![0], vec![1], vec![2], vec![2, 3]]);
         Ok(())
     }
 
