@@ -64,6 +64,13 @@ impl AppState {
         self.coding.get().map(|(coder, _, _)| coder.as_ref())
     }
 
+    /// Notes the coding engine has answered so far.
+    pub fn metrics_notes_coded(&self) -> u64 {
+        self.metrics
+            .notes_coded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn queue(&self) -> Option<&CodingQueue> {
         self.coding.get().map(|(_, queue, _)| queue)
     }

@@ -45,6 +45,9 @@ pub enum BenchCommand {
     },
     /// Notes/s and per-note latency (p50/p99) of a coding engine on ~2 KB notes.
     Code(super::bench_code::CodeBenchArgs),
+    /// The server under load: wrk on loopback against POST /v1/code (retrieval engine):
+    /// req/s, p50/p90/p99 latency, and resident memory after 1k and after 10k+ requests.
+    Serve(super::bench_serve::ServeBenchArgs),
     /// LoRA SFT tokens/s and peak RSS of our trainer against PyTorch + PEFT on the same
     /// SmolLM2-135M-shaped model, threads, sequence and batch, in f32 and bf16, in one run.
     Train(super::bench_train::TrainBenchArgs),
@@ -92,6 +95,7 @@ pub fn run(command: BenchCommand, home: &MedcoderHome) -> anyhow::Result<ExitCod
     match command {
         BenchCommand::Generate(args) => super::bench_generate::run(args, home),
         BenchCommand::Code(args) => super::bench_code::run(args, home),
+        BenchCommand::Serve(args) => super::bench_serve::run(args, home),
         BenchCommand::Train(args) => super::bench_train::run(args),
         BenchCommand::TrainRun {
             seq,

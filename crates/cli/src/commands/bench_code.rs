@@ -112,7 +112,7 @@ pub fn run(args: CodeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode>
 }
 
 /// `text` cut after the last sentence end before `chars` characters (or at `chars`).
-fn cut(text: &str, chars: usize) -> String {
+pub(crate) fn cut(text: &str, chars: usize) -> String {
     let head: String = text.chars().take(chars).collect();
     if head.chars().count() < chars {
         return head;
