@@ -26,4 +26,7 @@ pub enum CodingError {
     Store(#[from] medcoder_store::StoreError),
     #[error("{0}")]
     Invalid(String),
+    /// Writing an output file (atomically) or a plot failed.
+    #[error(transparent)]
+    Output(#[from] medcoder_train::TrainError),
 }

@@ -1,5 +1,6 @@
 //! `medcoder eval`: predictions (`medcoder code` JSONL) against gold codes from a prepared
-//! database or a JSONL file; a Markdown and JSON report.
+//! database or a JSONL file; printed as Markdown, and with `--report DIR` written as
+//! Markdown, HTML, JSON and PNG plots.
 
 use std::collections::HashSet;
 use std::io::BufRead;
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use medcoder_coding::eval::{evaluate, markdown, EvalContext, GoldNote};
+use medcoder_coding::eval::{evaluate, markdown, write_report, EvalContext, GoldNote};
 use medcoder_coding::prediction::read_predictions;
 use medcoder_store::{Split, Store};
 use serde::Deserialize;
@@ -30,7 +31,8 @@ pub struct EvalArgs {
     /// The training split, for recall on codes unseen in training (database gold only).
     #[arg(long, default_value = "train")]
     training_split: String,
-    /// Write report.md and report.json here.
+    /// Write report.md, report.html, report.json and the plots (top k, F1 per chapter: PNG)
+    /// into this folder.
     #[arg(long)]
     report: Option<PathBuf>,
 }
@@ -80,16 +82,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             String::new()
         }
     );
-    let md = markdown(&report, &title);
+    // The files first: a reader of stdout that goes away (`| head`) must not stop them.
     if let Some(dir) = &args.report {
-        fs_err::create_dir_all(dir)?;
-        medcoder_train::atomic::write_file(&dir.join("report.md"), md.as_bytes())?;
-        medcoder_train::atomic::write_file(
-            &dir.join("report.json"),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
+        let written = write_report(dir, &report, &title)?;
+        eprintln!("report: {} files in {}", written.len(), dir.display());
     }
-    outln!("{md}");
+    outln!("{}", markdown(&report, &title, &[]));
     Ok(ExitCode::SUCCESS)
 }
 

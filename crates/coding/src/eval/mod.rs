@@ -3,12 +3,21 @@
 //! every gold note with a note without predictions scoring 0, and as the official script does,
 //! over the notes with predictions only); P/R/F1 of the top k; the same at the 3-character
 //! category level; per chapter; the most frequent errors; recall on codes unseen in training.
+//! [`write_report`] writes it all as Markdown, HTML, JSON and PNG plots.
+
+mod plots;
+mod render;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::prediction::{CodeKind, NotePrediction};
+use crate::CodingError;
+
+pub use plots::{Plot, PlotFile};
+pub use render::{html, markdown, DEFINITIONS};
 
 /// A note's gold codes.
 #[derive(Debug, Clone)]
@@ -70,7 +79,7 @@ pub struct LevelScores {
     pub map: f64,
     /// Over gold notes with at least one prediction (what the official CodiEsp script does).
     pub map_predicted_only: f64,
-    /// (k, micro P/R/F1 of the top k of each ranking)
+    /// (k, micro P/R/F1 of the top k of each ranking), for every k from 1 to [`MAX_K`].
     pub at_k: Vec<(usize, Prf)>,
 }
 
@@ -131,7 +140,10 @@ impl std::fmt::Debug for EvalContext<'_> {
     }
 }
 
-const TOP_K: [usize; 9] = [1, 3, 5, 10, 15, 20, 25, 30, 50];
+/// Top-k scores are computed for every k from 1 to this.
+pub const MAX_K: usize = 50;
+/// The k shown in the Markdown report's top-k table (the HTML and JSON have every k).
+const SHOWN_K: [usize; 9] = [1, 3, 5, 10, 15, 20, 25, 30, 50];
 
 pub fn evaluate(
     predictions: &[NotePrediction],
@@ -246,9 +258,8 @@ fn level_scores(rows: &Rows) -> LevelScores {
             predicted_sum += ap;
         }
     }
-    let at_k = TOP_K
-        .iter()
-        .map(|&k| {
+    let at_k = (1..=MAX_K)
+        .map(|k| {
             let (mut tp, mut fp, mut fn_) = (0, 0, 0);
             for (gold, ranked, _) in rows {
                 let top = &ranked[..k.min(ranked.len())];
@@ -273,6 +284,46 @@ fn level_scores(rows: &Rows) -> LevelScores {
         },
         at_k,
     }
+}
+
+/// What `report.json` holds: the scores, the plots beside it, and what each metric means.
+#[derive(Serialize)]
+struct ReportJson<'a> {
+    #[serde(flatten)]
+    report: &'a EvalReport,
+    plots: &'a [PlotFile],
+    definitions: BTreeMap<&'static str, &'static str>,
+}
+
+/// Writes `report.md`, `report.html`, `report.json` and the plots (PNG) into `dir`, created
+/// when missing; each file is replaced atomically. Returns the paths written.
+pub fn write_report(
+    dir: &Path,
+    report: &EvalReport,
+    title: &str,
+) -> Result<Vec<PathBuf>, CodingError> {
+    fs_err::create_dir_all(dir)?;
+    let plots = plots::write_plots(dir, report)?;
+    let json = ReportJson {
+        report,
+        plots: &plots,
+        definitions: DEFINITIONS.iter().copied().collect(),
+    };
+    let json = serde_json::to_string_pretty(&json)
+        .map_err(|e| CodingError::Invalid(format!("serializing the report: {e}")))?;
+    let documents = [
+        ("report.md", markdown(report, title, &plots)),
+        ("report.html", html(report, title, &plots)),
+        ("report.json", json),
+    ];
+    let mut written = Vec::new();
+    for (name, text) in documents {
+        let path = dir.join(name);
+        medcoder_train::atomic::write_file(&path, text.as_bytes())?;
+        written.push(path);
+    }
+    written.extend(plots.iter().map(|p| dir.join(&p.file)));
+    Ok(written)
 }
 
 /// CodiEsp's average precision: Σ over relevant ranks of precision at that rank, / |gold|.
@@ -439,76 +490,10 @@ fn kind_report(
     }
 }
 
-/// The report as Markdown.
-pub fn markdown(report: &EvalReport, title: &str) -> String {
-    let mut md = format!("# {title}\n\n");
-    md += &format!(
-        "Gold notes: {} · predicted notes: {} · gold notes without a prediction (scored 0): {} · predictions without gold (ignored): {}\n\n",
-        report.notes_gold, report.notes_predicted, report.gold_without_predictions, report.predictions_without_gold
-    );
-    md += &format!(
-        "Engines: {} · models: {}\n\n",
-        report.engines.join(", "),
-        report.models.join("; ")
-    );
-    md += "| kind | level | notes | MAP | MAP (predicted only) | micro P | micro R | micro F1 | macro F1 |\n|---|---|---|---|---|---|---|---|---|\n";
-    for k in &report.kinds {
-        for (level, s) in [("code", &k.code), ("category", &k.category)] {
-            md += &format!(
-                "| {} | {level} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-                k.kind.as_str(),
-                k.notes,
-                s.map,
-                s.map_predicted_only,
-                s.micro.precision,
-                s.micro.recall,
-                s.micro.f1,
-                s.macro_f1
-            );
-        }
-    }
-    for k in &report.kinds {
-        md += &format!("\n## {}\n\n", k.kind.as_str());
-        if let Some((n, recall)) = k.unseen_in_training {
-            md += &format!(
-                "Gold codes unseen in training: {n}, recalled: {:.1}%\n\n",
-                recall * 100.0
-            );
-        }
-        if let Some(invalid) = k.invalid_codes {
-            md += &format!("Predicted codes outside the allowed code set: {invalid}\n\n");
-        }
-        md += "| top k | P | R | F1 |\n|---|---|---|---|\n";
-        for (kk, p) in &k.code.at_k {
-            md += &format!(
-                "| {kk} | {:.3} | {:.3} | {:.3} |\n",
-                p.precision, p.recall, p.f1
-            );
-        }
-        md += "\n| chapter | gold | P | R | F1 |\n|---|---|---|---|---|\n";
-        for c in &k.chapters {
-            md += &format!(
-                "| {} | {} | {:.3} | {:.3} | {:.3} |\n",
-                c.chapter, c.gold, c.scores.precision, c.scores.recall, c.scores.f1
-            );
-        }
-        let list = |v: &[(String, usize)]| {
-            v.iter()
-                .map(|(c, n)| format!("{c} ({n})"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        md += &format!(
-            "\nMost frequent false positives: {}\n\nMost frequent false negatives: {}\n",
-            list(&k.frequent_false_positives),
-            list(&k.frequent_false_negatives)
-        );
-    }
-    md
-}
-
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::prediction::CodedItem;
 
@@ -525,9 +510,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn map_counts_missing_predictions_as_zero_and_f1_uses_assigned_codes() {
-        let gold = vec![
+    fn sample_gold() -> Vec<GoldNote> {
+        vec![
             GoldNote {
                 id: "a".into(),
                 diagnoses: vec!["E11.9".into(), "I10".into()],
@@ -538,8 +522,11 @@ mod tests {
                 diagnoses: vec!["J18.9".into()],
                 procedures: vec![],
             },
-        ];
-        let pred = NotePrediction {
+        ]
+    }
+
+    fn sample_prediction() -> NotePrediction {
+        NotePrediction {
             id: "a".into(),
             diagnoses: vec![
                 item("I10", 1, true),
@@ -551,8 +538,21 @@ mod tests {
             engine: "test".into(),
             model: "m".into(),
             elapsed_ms: 0.0,
-        };
-        let report = evaluate(&[pred], &gold, &EvalContext::default());
+        }
+    }
+
+    /// Two gold notes with diagnoses only; one predicted.
+    pub(super) fn sample_report() -> EvalReport {
+        evaluate(
+            &[sample_prediction()],
+            &sample_gold(),
+            &EvalContext::default(),
+        )
+    }
+
+    #[test]
+    fn map_counts_missing_predictions_as_zero_and_f1_uses_assigned_codes() {
+        let report = sample_report();
         let d = &report.kinds[0];
         // AP(a) = (1/1 + 2/3) / 2; AP(b) = 0 (no prediction)
         let ap_a = (1.0 + 2.0 / 3.0) / 2.0;
@@ -573,5 +573,47 @@ mod tests {
         );
         let top1 = d.code.at_k[0].1;
         assert_eq!((top1.tp, top1.fp, top1.fn_), (1, 0, 2));
+        assert_eq!(d.code.at_k.len(), MAX_K);
+        let top50 = d.code.at_k[MAX_K - 1];
+        assert_eq!(top50.0, 50);
+        assert_eq!((top50.1.tp, top50.1.fp, top50.1.fn_), (2, 1, 1));
+    }
+
+    #[test]
+    fn write_report_writes_every_file_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("report");
+        let written = write_report(&out, &sample_report(), "sample").unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "chapter_f1_diagnosis.png",
+                "report.html",
+                "report.json",
+                "report.md",
+                "top_k_diagnosis.png",
+                "top_k_procedure.png"
+            ]
+        );
+        assert_eq!(written.len(), names.len());
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            json["kinds"][0]["code"]["at_k"].as_array().unwrap().len(),
+            50
+        );
+        assert_eq!(json["plots"][0]["file"], "top_k_diagnosis.png");
+        assert!(json["definitions"]["MAP"]
+            .as_str()
+            .unwrap()
+            .contains("CodiEsp"));
+        let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+        assert!(html.contains("<img src=\"top_k_diagnosis.png\""), "{html}");
     }
 }

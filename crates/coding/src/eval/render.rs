@@ -1,0 +1,388 @@
+//! The report as a document: one list of headings, paragraphs, tables and plots, rendered
+//! as Markdown (`report.md`, and what `medcoder eval` prints) and as a self-contained HTML
+//! page (`report.html`: inline CSS, the plots by relative path, every text escaped).
+
+use super::{EvalReport, KindReport, PlotFile, Prf, SHOWN_K};
+
+/// What each metric of the report means; printed in the report and saved in its JSON.
+pub const DEFINITIONS: &[(&str, &str)] = &[
+    (
+        "assigned codes",
+        "The codes of a ranking the engine marked `assigned` (above its decision threshold): \
+         the codes handed to a coder. Precision, recall and F1 are computed on them; MAP and \
+         top k on the whole ranking. Codes are counted once per note.",
+    ),
+    (
+        "micro P / R / F1",
+        "Over every (note, code) pair: P = TP / (TP + FP), R = TP / (TP + FN), F1 = 2PR / (P + R).",
+    ),
+    (
+        "macro P / R / F1",
+        "Each code's P, R and F1 over the notes, averaged over every code in the gold or the \
+         assigned codes.",
+    ),
+    (
+        "MAP",
+        "Mean over the gold notes of the ranking's average precision (CodiEsp's definition: the \
+         sum of the precision at the rank of each gold code found, divided by the note's number \
+         of gold codes). A gold note without a prediction scores 0.",
+    ),
+    (
+        "MAP (predicted only)",
+        "The same mean over the gold notes with at least one predicted code of the kind, as \
+         CodiEsp's official script (trectools) computes it.",
+    ),
+    (
+        "top k",
+        "Micro P / R / F1 when the first k codes of each ranking are taken as the answer, \
+         whatever the threshold; k from 1 to 50.",
+    ),
+    (
+        "category level",
+        "Every code cut to its first 3 characters before scoring: the ICD-10-CM category \
+         (E11), the ICD-10-PCS section, body system and root operation (0DT).",
+    ),
+    (
+        "chapter",
+        "The ICD-10-CM chapter of a code's category; for ICD-10-PCS, the section (first \
+         character). A false positive counts in the chapter of the predicted code, a false \
+         negative in that of the gold code.",
+    ),
+    (
+        "unseen in training",
+        "Gold codes of the scored split that no note of the training split has, and the share \
+         of them among the assigned codes.",
+    ),
+];
+
+/// A table; `markdown: false` keeps it out of the Markdown (which stays short enough to read
+/// in a terminal) and in the HTML only.
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+    markdown: bool,
+}
+
+enum Block {
+    /// Level 1 to 3.
+    Heading(usize, String),
+    Text(String),
+    Table(Table),
+    Image {
+        file: String,
+        alt: String,
+    },
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> Block {
+    Block::Table(Table {
+        header: header.iter().map(|h| h.to_string()).collect(),
+        rows,
+        markdown: true,
+    })
+}
+
+fn f3(value: f64) -> String {
+    format!("{value:.3}")
+}
+
+fn prf_cells(p: &Prf) -> [String; 3] {
+    [f3(p.precision), f3(p.recall), f3(p.f1)]
+}
+
+/// The whole report as blocks.
+fn document(report: &EvalReport, title: &str, plots: &[PlotFile]) -> Vec<Block> {
+    let mut doc = vec![Block::Heading(1, title.to_string())];
+    doc.push(Block::Text(format!(
+        "Gold notes: {} · predicted notes: {} · gold notes without a prediction (scored 0): {} · predictions without gold (ignored): {}",
+        report.notes_gold, report.notes_predicted, report.gold_without_predictions, report.predictions_without_gold
+    )));
+    doc.push(Block::Text(format!(
+        "Engines: {} · models: {}",
+        report.engines.join(", "),
+        report.models.join("; ")
+    )));
+    doc.push(Block::Heading(2, "Summary".into()));
+    let mut rows = Vec::new();
+    for k in &report.kinds {
+        for (level, s) in [("code", &k.code), ("category", &k.category)] {
+            let mut row = vec![
+                k.kind.as_str().to_string(),
+                level.to_string(),
+                k.notes.to_string(),
+                f3(s.map),
+                f3(s.map_predicted_only),
+            ];
+            row.extend(prf_cells(&s.micro));
+            row.extend([s.macro_precision, s.macro_recall, s.macro_f1].map(f3));
+            row.extend([s.micro.tp, s.micro.fp, s.micro.fn_].map(|n| n.to_string()));
+            rows.push(row);
+        }
+    }
+    doc.push(table(
+        &[
+            "kind",
+            "level",
+            "notes",
+            "MAP",
+            "MAP (predicted only)",
+            "micro P",
+            "micro R",
+            "micro F1",
+            "macro P",
+            "macro R",
+            "macro F1",
+            "TP",
+            "FP",
+            "FN",
+        ],
+        rows,
+    ));
+    for k in &report.kinds {
+        kind_section(&mut doc, k, plots);
+    }
+    doc.push(Block::Heading(2, "Definitions".into()));
+    doc.push(table(
+        &["metric", "definition"],
+        DEFINITIONS
+            .iter()
+            .map(|(name, text)| vec![name.to_string(), text.to_string()])
+            .collect(),
+    ));
+    doc
+}
+
+fn kind_section(doc: &mut Vec<Block>, k: &KindReport, plots: &[PlotFile]) {
+    let kind = k.kind.as_str();
+    doc.push(Block::Heading(2, kind.to_string()));
+    doc.push(Block::Text(format!(
+        "Gold notes with {kind} codes: {} · of them with a prediction: {}",
+        k.notes, k.notes_with_predictions
+    )));
+    if let Some((n, recall)) = k.unseen_in_training {
+        doc.push(Block::Text(format!(
+            "Gold codes unseen in training: {n}, recalled: {:.1}%",
+            recall * 100.0
+        )));
+    }
+    let images = plots.iter().filter(|p| p.kind == k.kind);
+    let image_of = |plot: super::Plot| {
+        images
+            .clone()
+            .find(|p| p.plot == plot)
+            .map(|p| Block::Image {
+                file: p.file.clone(),
+                alt: plot.title(k.kind),
+            })
+    };
+    doc.push(Block::Heading(3, "Top k".into()));
+    doc.extend(image_of(super::Plot::TopK));
+    let top_k_rows = |shown: &dyn Fn(usize) -> bool| {
+        k.code
+            .at_k
+            .iter()
+            .zip(&k.category.at_k)
+            .filter(|((kk, _), _)| shown(*kk))
+            .map(|((kk, code), (_, category))| {
+                let mut row = vec![kk.to_string()];
+                row.extend(prf_cells(code));
+                row.extend(prf_cells(category));
+                row
+            })
+            .collect::<Vec<_>>()
+    };
+    let header = [
+        "top k",
+        "P",
+        "R",
+        "F1",
+        "category P",
+        "category R",
+        "category F1",
+    ];
+    doc.push(table(&header, top_k_rows(&|kk| SHOWN_K.contains(&kk))));
+    doc.push(Block::Table(Table {
+        header: header.iter().map(|h| h.to_string()).collect(),
+        rows: top_k_rows(&|_| true),
+        markdown: false,
+    }));
+    doc.push(Block::Heading(3, "Chapters".into()));
+    doc.extend(image_of(super::Plot::ChapterF1));
+    doc.push(table(
+        &["chapter", "gold", "P", "R", "F1", "TP", "FP", "FN"],
+        k.chapters
+            .iter()
+            .map(|c| {
+                let mut row = vec![c.chapter.clone(), c.gold.to_string()];
+                row.extend(prf_cells(&c.scores));
+                row.extend([c.scores.tp, c.scores.fp, c.scores.fn_].map(|n| n.to_string()));
+                row
+            })
+            .collect(),
+    ));
+    doc.push(Block::Heading(3, "Most frequent errors".into()));
+    let errors = k
+        .frequent_false_positives
+        .len()
+        .max(k.frequent_false_negatives.len());
+    let cell = |list: &[(String, usize)], i: usize| {
+        list.get(i)
+            .map_or([String::new(), String::new()], |(c, n)| {
+                [c.clone(), n.to_string()]
+            })
+    };
+    doc.push(table(
+        &["false positive", "times", "false negative", "times"],
+        (0..errors)
+            .map(|i| {
+                let mut row = cell(&k.frequent_false_positives, i).to_vec();
+                row.extend(cell(&k.frequent_false_negatives, i));
+                row
+            })
+            .collect(),
+    ));
+}
+
+/// The report as Markdown.
+pub fn markdown(report: &EvalReport, title: &str, plots: &[PlotFile]) -> String {
+    let mut md = String::new();
+    for block in document(report, title, plots) {
+        match block {
+            Block::Heading(level, text) => {
+                md += &format!("{} {}\n\n", "#".repeat(level), one_line(&text));
+            }
+            Block::Text(text) => md += &format!("{text}\n\n"),
+            Block::Image { file, alt } => md += &format!("![{}]({file})\n\n", one_line(&alt)),
+            Block::Table(t) if t.markdown => {
+                let row = |cells: &[String]| {
+                    let cells: Vec<String> = cells.iter().map(|c| markdown_cell(c)).collect();
+                    format!("| {} |\n", cells.join(" | "))
+                };
+                md += &row(&t.header);
+                md += &format!("|{}\n", "---|".repeat(t.header.len()));
+                for r in &t.rows {
+                    md += &row(r);
+                }
+                md += "\n";
+            }
+            Block::Table(_) => {}
+        }
+    }
+    md
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
+
+/// A table cell: one line, its pipes escaped.
+fn markdown_cell(text: &str) -> String {
+    one_line(text).replace('|', "\\|")
+}
+
+const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:75rem;padding:0 1rem;color:#222}\
+h1{font-size:1.6rem}h2{margin-top:2.5rem;border-bottom:1px solid #ccc}\
+table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}\
+th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left;vertical-align:top}\
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}\
+td.n{text-align:right;font-variant-numeric:tabular-nums}\
+img{max-width:100%;border:1px solid #eee;margin:.5rem 0}";
+
+/// The report as a self-contained HTML page; the plots are referenced by their file names
+/// (relative to the report folder).
+pub fn html(report: &EvalReport, title: &str, plots: &[PlotFile]) -> String {
+    let mut out = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
+        escape(title)
+    );
+    let blocks = document(report, title, plots);
+    for (i, block) in blocks.iter().enumerate() {
+        match block {
+            Block::Heading(level, text) => {
+                out += &format!("<h{level}>{}</h{level}>\n", escape(text));
+            }
+            Block::Text(text) => out += &format!("<p>{}</p>\n", escape(text)),
+            Block::Image { file, alt } => {
+                out += &format!(
+                    "<figure><img src=\"{}\" alt=\"{}\"></figure>\n",
+                    escape(file),
+                    escape(alt)
+                );
+            }
+            Block::Table(t) => {
+                // A short table followed by its full, HTML-only version: the full one is shown.
+                if t.markdown
+                    && matches!(blocks.get(i + 1), Some(Block::Table(next)) if !next.markdown)
+                {
+                    continue;
+                }
+                out += "<table>\n<thead><tr>";
+                for h in &t.header {
+                    out += &format!("<th>{}</th>", escape(h));
+                }
+                out += "</tr></thead>\n<tbody>\n";
+                for r in &t.rows {
+                    out += "<tr>";
+                    for cell in r {
+                        let numeric = !cell.is_empty()
+                            && cell.chars().all(|c| c.is_ascii_digit() || c == '.');
+                        let class = if numeric { " class=\"n\"" } else { "" };
+                        out += &format!("<td{class}>{}</td>", escape(cell));
+                    }
+                    out += "</tr>\n";
+                }
+                out += "</tbody>\n</table>\n";
+            }
+        }
+    }
+    out += "</body>\n</html>\n";
+    out
+}
+
+/// Text as HTML text or attribute value.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::sample_report;
+    use super::*;
+
+    #[test]
+    fn escape_covers_markup_and_quotes() {
+        assert_eq!(
+            escape("<a href=\"x\">Tom & 'Jerry'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;Tom &amp; &#39;Jerry&#39;&lt;/a&gt;"
+        );
+        assert_eq!(markdown_cell("a|b\nc"), "a\\|b c");
+    }
+
+    #[test]
+    fn html_escapes_every_text_and_has_every_k() {
+        let mut report = sample_report();
+        report.engines = vec!["<script>alert(1)</script>".into()];
+        let page = html(&report, "preds & <gold>", &[]);
+        assert!(page.starts_with("<!DOCTYPE html>"));
+        assert!(!page.contains("<script>"), "{page}");
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(page.contains("<title>preds &amp; &lt;gold&gt;</title>"));
+        // The full top-k table (k = 1…50) replaces the short one in the HTML.
+        assert!(page.contains("<tr><td class=\"n\">49</td>"), "{page}");
+        let md = markdown(&report, "t", &[]);
+        assert!(md.contains("| 50 |"), "{md}");
+        assert!(!md.contains("| 49 |"), "{md}");
+        assert!(md.contains("| diagnosis | code | 2 |"), "{md}");
+    }
+}
