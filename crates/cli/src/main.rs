@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args, &home),
         Command::Merge(args) => commands::merge::run(args, &home),
         Command::Code(args) => commands::code::run(args, &home),
-        Command::Eval(args) => commands::eval::run(args),
+        Command::Eval(args) => commands::eval::run(args, &home),
         Command::Bench(cmd) => commands::bench::run(cmd, &home),
     };
     match result {

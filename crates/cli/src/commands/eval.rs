@@ -8,8 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use medcoder_coding::eval::{evaluate, markdown, write_report, EvalContext, GoldNote};
+use medcoder_assets::MedcoderHome;
+use medcoder_coding::eval::provenance::{
+    utc_timestamp, CodeSetVersions, GoldSource, PredictionSource,
+};
+use medcoder_coding::eval::{evaluate, markdown, write_report, EvalContext, GoldNote, Provenance};
 use medcoder_coding::prediction::read_predictions;
+use medcoder_icd::IcdKnowledge;
 use medcoder_store::{Split, Store};
 use serde::Deserialize;
 
@@ -46,7 +51,7 @@ struct GoldLine {
     procedures: Vec<String>,
 }
 
-pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: EvalArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     let predictions = read_predictions(&args.pred)?;
     let is_db = matches!(
         args.gold.extension().and_then(|e| e.to_str()),
@@ -63,31 +68,39 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if gold.is_empty() {
         bail!("no gold notes in {}", args.gold.display());
     }
+    let code_sets = match IcdKnowledge::load(home) {
+        Ok(kb) => Some(kb),
+        Err(error) => {
+            tracing::warn!(%error, "no ICD code sets (run `medcoder assets fetch`): codes are not checked against the US code set");
+            None
+        }
+    };
     let ctx = EvalContext {
         training_codes: training_codes.as_ref(),
         is_valid: None,
     };
     let report = evaluate(&predictions, &gold, &ctx);
-    let title = format!(
-        "{} on {}{}",
-        args.pred.display(),
-        args.gold.display(),
-        if is_db {
-            format!(
-                " ({} {})",
-                args.dataset.as_deref().unwrap_or(""),
-                args.split
-            )
-        } else {
-            String::new()
-        }
-    );
+    let provenance = Provenance {
+        predictions: PredictionSource::of_file(&args.pred, &predictions)?,
+        gold: GoldSource {
+            file: args.gold.display().to_string(),
+            dataset: args.dataset.clone().filter(|_| is_db),
+            split: is_db.then(|| args.split.clone()),
+            training_split: is_db.then(|| args.training_split.clone()),
+        },
+        medcoder_version: env!("CARGO_PKG_VERSION").to_string(),
+        evaluated_at: utc_timestamp(std::time::SystemTime::now()),
+        code_sets: code_sets.as_ref().map(|kb| CodeSetVersions {
+            icd10_cm: kb.cm.version.clone(),
+            icd10_pcs: kb.pcs.version.clone(),
+        }),
+    };
     // The files first: a reader of stdout that goes away (`| head`) must not stop them.
     if let Some(dir) = &args.report {
-        let written = write_report(dir, &report, &title)?;
+        let written = write_report(dir, &report, &provenance)?;
         eprintln!("report: {} files in {}", written.len(), dir.display());
     }
-    outln!("{}", markdown(&report, &title, &[]));
+    outln!("{}", markdown(&report, &provenance, &[]));
     Ok(ExitCode::SUCCESS)
 }
 

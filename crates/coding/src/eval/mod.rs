@@ -6,6 +6,7 @@
 //! [`write_report`] writes it all as Markdown, HTML, JSON and PNG plots.
 
 mod plots;
+pub mod provenance;
 mod render;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -17,6 +18,7 @@ use crate::prediction::{CodeKind, NotePrediction};
 use crate::CodingError;
 
 pub use plots::{Plot, PlotFile};
+pub use provenance::Provenance;
 pub use render::{html, markdown, DEFINITIONS};
 
 /// A note's gold codes.
@@ -114,8 +116,6 @@ pub struct EvalReport {
     /// Predicted notes without gold (ignored), and gold notes without a prediction (scored 0).
     pub predictions_without_gold: usize,
     pub gold_without_predictions: usize,
-    pub engines: Vec<String>,
-    pub models: Vec<String>,
     pub kinds: Vec<KindReport>,
 }
 
@@ -153,12 +153,6 @@ pub fn evaluate(
     let by_id: HashMap<&str, &NotePrediction> =
         predictions.iter().map(|p| (p.id.as_str(), p)).collect();
     let gold_ids: HashSet<&str> = gold.iter().map(|g| g.id.as_str()).collect();
-    let mut engines: Vec<String> = predictions.iter().map(|p| p.engine.clone()).collect();
-    engines.sort();
-    engines.dedup();
-    let mut models: Vec<String> = predictions.iter().map(|p| p.model.clone()).collect();
-    models.sort();
-    models.dedup();
     let kinds = CodeKind::BOTH
         .iter()
         .map(|&kind| kind_report(kind, &by_id, gold, ctx))
@@ -174,8 +168,6 @@ pub fn evaluate(
             .iter()
             .filter(|g| !by_id.contains_key(g.id.as_str()))
             .count(),
-        engines,
-        models,
         kinds,
     }
 }
@@ -286,9 +278,11 @@ fn level_scores(rows: &Rows) -> LevelScores {
     }
 }
 
-/// What `report.json` holds: the scores, the plots beside it, and what each metric means.
+/// What `report.json` holds: where the inputs came from, the scores, the plots beside it, and
+/// what each metric means.
 #[derive(Serialize)]
 struct ReportJson<'a> {
+    provenance: &'a Provenance,
     #[serde(flatten)]
     report: &'a EvalReport,
     plots: &'a [PlotFile],
@@ -300,11 +294,12 @@ struct ReportJson<'a> {
 pub fn write_report(
     dir: &Path,
     report: &EvalReport,
-    title: &str,
+    provenance: &Provenance,
 ) -> Result<Vec<PathBuf>, CodingError> {
     fs_err::create_dir_all(dir)?;
     let plots = plots::write_plots(dir, report)?;
     let json = ReportJson {
+        provenance,
         report,
         plots: &plots,
         definitions: DEFINITIONS.iter().copied().collect(),
@@ -312,8 +307,8 @@ pub fn write_report(
     let json = serde_json::to_string_pretty(&json)
         .map_err(|e| CodingError::Invalid(format!("serializing the report: {e}")))?;
     let documents = [
-        ("report.md", markdown(report, title, &plots)),
-        ("report.html", html(report, title, &plots)),
+        ("report.md", markdown(report, provenance, &plots)),
+        ("report.html", html(report, provenance, &plots)),
         ("report.json", json),
     ];
     let mut written = Vec::new();
@@ -541,6 +536,27 @@ mod tests {
         }
     }
 
+    pub(super) fn sample_provenance() -> Provenance {
+        Provenance {
+            predictions: provenance::PredictionSource {
+                file: "preds.jsonl".into(),
+                sha256: "00".repeat(32),
+                notes: 1,
+                engines: vec!["test".into()],
+                models: vec!["m".into()],
+            },
+            gold: provenance::GoldSource {
+                file: "c.duckdb".into(),
+                dataset: Some("codiesp".into()),
+                split: Some("validation".into()),
+                training_split: Some("train".into()),
+            },
+            medcoder_version: "0.1.0".into(),
+            evaluated_at: "2026-04-01T09:30:00Z".into(),
+            code_sets: None,
+        }
+    }
+
     /// Two gold notes with diagnoses only; one predicted.
     pub(super) fn sample_report() -> EvalReport {
         evaluate(
@@ -583,7 +599,7 @@ mod tests {
     fn write_report_writes_every_file_and_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("report");
-        let written = write_report(&out, &sample_report(), "sample").unwrap();
+        let written = write_report(&out, &sample_report(), &sample_provenance()).unwrap();
         let mut names: Vec<String> = std::fs::read_dir(&out)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -609,6 +625,8 @@ mod tests {
             50
         );
         assert_eq!(json["plots"][0]["file"], "top_k_diagnosis.png");
+        assert_eq!(json["provenance"]["predictions"]["engines"][0], "test");
+        assert_eq!(json["provenance"]["gold"]["dataset"], "codiesp");
         assert!(json["definitions"]["MAP"]
             .as_str()
             .unwrap()

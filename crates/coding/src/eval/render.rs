@@ -2,7 +2,7 @@
 //! as Markdown (`report.md`, and what `medcoder eval` prints) and as a self-contained HTML
 //! page (`report.html`: inline CSS, the plots by relative path, every text escaped).
 
-use super::{EvalReport, KindReport, PlotFile, Prf, SHOWN_K};
+use super::{EvalReport, KindReport, PlotFile, Prf, Provenance, SHOWN_K};
 
 /// What each metric of the report means; printed in the report and saved in its JSON.
 pub const DEFINITIONS: &[(&str, &str)] = &[
@@ -91,16 +91,12 @@ fn prf_cells(p: &Prf) -> [String; 3] {
 }
 
 /// The whole report as blocks.
-fn document(report: &EvalReport, title: &str, plots: &[PlotFile]) -> Vec<Block> {
-    let mut doc = vec![Block::Heading(1, title.to_string())];
+fn document(report: &EvalReport, provenance: &Provenance, plots: &[PlotFile]) -> Vec<Block> {
+    let mut doc = vec![Block::Heading(1, provenance.title())];
+    provenance_section(&mut doc, provenance);
     doc.push(Block::Text(format!(
         "Gold notes: {} · predicted notes: {} · gold notes without a prediction (scored 0): {} · predictions without gold (ignored): {}",
         report.notes_gold, report.notes_predicted, report.gold_without_predictions, report.predictions_without_gold
-    )));
-    doc.push(Block::Text(format!(
-        "Engines: {} · models: {}",
-        report.engines.join(", "),
-        report.models.join("; ")
     )));
     doc.push(Block::Heading(2, "Summary".into()));
     let mut rows = Vec::new();
@@ -150,6 +146,39 @@ fn document(report: &EvalReport, title: &str, plots: &[PlotFile]) -> Vec<Block> 
             .collect(),
     ));
     doc
+}
+
+/// Where the predictions and the gold came from, and what scored them.
+fn provenance_section(doc: &mut Vec<Block>, provenance: &Provenance) {
+    doc.push(Block::Heading(2, "Where the predictions came from".into()));
+    let (p, g) = (&provenance.predictions, &provenance.gold);
+    let or_none = |value: &Option<String>| value.clone().unwrap_or_else(|| "—".into());
+    let mut rows = vec![
+        vec!["predictions file".into(), p.file.clone()],
+        vec!["predictions sha256".into(), p.sha256.clone()],
+        vec!["predicted notes".into(), p.notes.to_string()],
+        vec!["engines".into(), p.engines.join(", ")],
+        vec!["models".into(), p.models.join("; ")],
+        vec!["gold".into(), g.file.clone()],
+        vec!["dataset".into(), or_none(&g.dataset)],
+        vec!["split".into(), or_none(&g.split)],
+        vec!["training split".into(), or_none(&g.training_split)],
+        vec!["medcoder".into(), provenance.medcoder_version.clone()],
+        vec!["evaluated at".into(), provenance.evaluated_at.clone()],
+    ];
+    match &provenance.code_sets {
+        Some(sets) => {
+            rows.push(vec!["ICD-10-CM code set".into(), sets.icd10_cm.clone()]);
+            rows.push(vec!["ICD-10-PCS code set".into(), sets.icd10_pcs.clone()]);
+        }
+        None => rows.push(vec![
+            "ICD code sets".into(),
+            "not installed (`medcoder assets fetch` installs them): codes were not checked \
+             against the US code set"
+                .into(),
+        ]),
+    }
+    doc.push(table(&["", "value"], rows));
 }
 
 fn kind_section(doc: &mut Vec<Block>, k: &KindReport, plots: &[PlotFile]) {
@@ -244,9 +273,9 @@ fn kind_section(doc: &mut Vec<Block>, k: &KindReport, plots: &[PlotFile]) {
 }
 
 /// The report as Markdown.
-pub fn markdown(report: &EvalReport, title: &str, plots: &[PlotFile]) -> String {
+pub fn markdown(report: &EvalReport, provenance: &Provenance, plots: &[PlotFile]) -> String {
     let mut md = String::new();
-    for block in document(report, title, plots) {
+    for block in document(report, provenance, plots) {
         match block {
             Block::Heading(level, text) => {
                 md += &format!("{} {}\n\n", "#".repeat(level), one_line(&text));
@@ -290,12 +319,12 @@ img{max-width:100%;border:1px solid #eee;margin:.5rem 0}";
 
 /// The report as a self-contained HTML page; the plots are referenced by their file names
 /// (relative to the report folder).
-pub fn html(report: &EvalReport, title: &str, plots: &[PlotFile]) -> String {
+pub fn html(report: &EvalReport, provenance: &Provenance, plots: &[PlotFile]) -> String {
     let mut out = format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
-        escape(title)
+        escape(&provenance.title())
     );
-    let blocks = document(report, title, plots);
+    let blocks = document(report, provenance, plots);
     for (i, block) in blocks.iter().enumerate() {
         match block {
             Block::Heading(level, text) => {
@@ -357,7 +386,7 @@ fn escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::sample_report;
+    use super::super::tests::{sample_provenance, sample_report};
     use super::*;
 
     #[test]
@@ -371,16 +400,20 @@ mod tests {
 
     #[test]
     fn html_escapes_every_text_and_has_every_k() {
-        let mut report = sample_report();
-        report.engines = vec!["<script>alert(1)</script>".into()];
-        let page = html(&report, "preds & <gold>", &[]);
+        let report = sample_report();
+        let mut provenance = sample_provenance();
+        provenance.predictions.engines = vec!["<script>alert(1)</script>".into()];
+        provenance.predictions.file = "preds & <gold>.jsonl".into();
+        let page = html(&report, &provenance, &[]);
         assert!(page.starts_with("<!DOCTYPE html>"));
         assert!(!page.contains("<script>"), "{page}");
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
-        assert!(page.contains("<title>preds &amp; &lt;gold&gt;</title>"));
+        assert!(page.contains("<title>Evaluation of preds &amp; &lt;gold&gt;.jsonl against"));
         // The full top-k table (k = 1…50) replaces the short one in the HTML.
         assert!(page.contains("<tr><td class=\"n\">49</td>"), "{page}");
-        let md = markdown(&report, "t", &[]);
+        let md = markdown(&report, &provenance, &[]);
+        assert!(md.contains("| predictions sha256 | 0000"), "{md}");
+        assert!(md.contains("| ICD code sets | not installed"), "{md}");
         assert!(md.contains("| 50 |"), "{md}");
         assert!(!md.contains("| 49 |"), "{md}");
         assert!(md.contains("| diagnosis | code | 2 |"), "{md}");
