@@ -5,6 +5,7 @@
 //! category level; per chapter; the most frequent errors; recall on codes unseen in training.
 //! [`write_report`] writes it all as Markdown, HTML, JSON and PNG plots.
 
+mod hierarchy;
 mod plots;
 pub mod provenance;
 mod render;
@@ -17,6 +18,7 @@ use serde::Serialize;
 use crate::prediction::{CodeKind, NotePrediction};
 use crate::CodingError;
 
+pub use hierarchy::{hierarchy_credit, HierarchicalScores};
 pub use plots::{Plot, PlotFile};
 pub use provenance::Provenance;
 pub use render::{html, markdown, DEFINITIONS};
@@ -100,6 +102,8 @@ pub struct KindReport {
     pub notes_with_predictions: usize,
     pub code: LevelScores,
     pub category: LevelScores,
+    /// P/R/F1 of the assigned codes with partial credit for near misses in the hierarchy.
+    pub hierarchical: HierarchicalScores,
     pub chapters: Vec<ChapterScores>,
     pub frequent_false_positives: Vec<(String, usize)>,
     pub frequent_false_negatives: Vec<(String, usize)>,
@@ -461,6 +465,7 @@ fn kind_report(
         notes_with_predictions: code_rows.iter().filter(|r| !r.1.is_empty()).count(),
         code: level_scores(&code_rows),
         category: level_scores(&category_rows),
+        hierarchical: hierarchy::hierarchical_scores(&code_rows),
         chapters: chapters
             .into_iter()
             .map(|(chapter, (tp, fp, fn_, gold))| ChapterScores {
@@ -587,6 +592,9 @@ mod tests {
             chapter("0DTJ4ZZ", CodeKind::Procedure),
             "0 Medical and Surgical"
         );
+        // Hierarchical: E11.8 earns 3/4 against E11.9 (and E11.9 against it); I10 is exact.
+        assert!((d.hierarchical.precision - 1.75 / 2.0).abs() < 1e-12);
+        assert!((d.hierarchical.recall - 1.75 / 3.0).abs() < 1e-12);
         let top1 = d.code.at_k[0].1;
         assert_eq!((top1.tp, top1.fp, top1.fn_), (1, 0, 2));
         assert_eq!(d.code.at_k.len(), MAX_K);

@@ -2,7 +2,7 @@
 //! as Markdown (`report.md`, and what `medcoder eval` prints) and as a self-contained HTML
 //! page (`report.html`: inline CSS, the plots by relative path, every text escaped).
 
-use super::{EvalReport, KindReport, PlotFile, Prf, Provenance, SHOWN_K};
+use super::{hierarchy, EvalReport, KindReport, PlotFile, Prf, Provenance, SHOWN_K};
 
 /// What each metric of the report means; printed in the report and saved in its JSON.
 pub const DEFINITIONS: &[(&str, &str)] = &[
@@ -48,6 +48,7 @@ pub const DEFINITIONS: &[(&str, &str)] = &[
          character). A false positive counts in the chapter of the predicted code, a false \
          negative in that of the gold code.",
     ),
+    ("hierarchical P / R / F1", hierarchy::DEFINITION),
     (
         "unseen in training",
         "Gold codes of the scored split that no note of the training split has, and the share \
@@ -133,6 +134,41 @@ fn document(report: &EvalReport, provenance: &Provenance, plots: &[PlotFile]) ->
             "FN",
         ],
         rows,
+    ));
+    doc.push(Block::Heading(3, "Hierarchical partial credit".into()));
+    doc.push(Block::Text(
+        "Near misses in the ICD hierarchy earn part of a hit (see Definitions).".into(),
+    ));
+    doc.push(table(
+        &[
+            "kind",
+            "hierarchical P",
+            "hierarchical R",
+            "hierarchical F1",
+            "exact F1",
+            "assigned codes",
+            "their credit",
+            "gold codes",
+            "their credit",
+        ],
+        report
+            .kinds
+            .iter()
+            .map(|k| {
+                let h = &k.hierarchical;
+                vec![
+                    k.kind.as_str().to_string(),
+                    f3(h.precision),
+                    f3(h.recall),
+                    f3(h.f1),
+                    f3(k.code.micro.f1),
+                    h.assigned.to_string(),
+                    format!("{:.2}", h.assigned_credit),
+                    h.gold.to_string(),
+                    format!("{:.2}", h.gold_credit),
+                ]
+            })
+            .collect(),
     ));
     for k in &report.kinds {
         kind_section(&mut doc, k, plots);
