@@ -12,7 +12,9 @@ use medcoder_assets::MedcoderHome;
 use medcoder_coding::eval::provenance::{
     utc_timestamp, CodeSetVersions, GoldSource, PredictionSource,
 };
-use medcoder_coding::eval::{evaluate, markdown, write_report, EvalContext, GoldNote, Provenance};
+use medcoder_coding::eval::{
+    evaluate, markdown, write_report, EvalContext, GoldNote, Provenance, UsCodeSet,
+};
 use medcoder_coding::prediction::read_predictions;
 use medcoder_icd::IcdKnowledge;
 use medcoder_store::{Split, Store};
@@ -75,9 +77,10 @@ pub fn run(args: EvalArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    let us_code_set = code_sets.as_ref().map(UsCodeSet::of);
     let ctx = EvalContext {
         training_codes: training_codes.as_ref(),
-        is_valid: None,
+        us_code_set: us_code_set.as_ref(),
     };
     let report = evaluate(&predictions, &gold, &ctx);
     let provenance = Provenance {

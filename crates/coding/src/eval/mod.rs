@@ -9,6 +9,7 @@ mod hierarchy;
 mod plots;
 pub mod provenance;
 mod render;
+pub mod validity;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,7 +22,8 @@ use crate::CodingError;
 pub use hierarchy::{hierarchy_credit, HierarchicalScores};
 pub use plots::{Plot, PlotFile};
 pub use provenance::Provenance;
-pub use render::{html, markdown, DEFINITIONS};
+pub use render::{definitions, html, markdown};
+pub use validity::{CodeValidity, KindValidity, UsCodeSet, UsCodeStatus};
 
 /// A note's gold codes.
 #[derive(Debug, Clone)]
@@ -109,8 +111,9 @@ pub struct KindReport {
     pub frequent_false_negatives: Vec<(String, usize)>,
     /// Gold codes never seen in training, and the share of them recalled.
     pub unseen_in_training: Option<(usize, f64)>,
-    /// Predicted codes (anywhere in a ranking) outside the allowed code set, when one is given.
-    pub invalid_codes: Option<usize>,
+    /// Predicted and gold codes that are malformed, or (when the code sets are installed) not
+    /// in the US code set or only a header there.
+    pub code_validity: KindValidity,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,23 +126,21 @@ pub struct EvalReport {
     pub kinds: Vec<KindReport>,
 }
 
-/// Whether a code is valid in the code set predictions must come from.
-pub type CodeValidator<'a> = dyn Fn(&str, CodeKind) -> bool + Sync + 'a;
-
 /// What [`evaluate`] may use besides predictions and gold.
 #[derive(Default)]
 pub struct EvalContext<'a> {
     /// Codes of the training notes, to measure recall on unseen ones.
     pub training_codes: Option<&'a HashSet<String>>,
-    /// Whether a code is valid in the code set predictions must come from.
-    pub is_valid: Option<&'a CodeValidator<'a>>,
+    /// The US code set, to count codes it lacks or has only as a header; `None` when it is
+    /// not installed (codes are then checked for their shape only).
+    pub us_code_set: Option<&'a UsCodeSet<'a>>,
 }
 
 impl std::fmt::Debug for EvalContext<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EvalContext")
             .field("training_codes", &self.training_codes.map(HashSet::len))
-            .field("is_valid", &self.is_valid.is_some())
+            .field("us_code_set", &self.us_code_set)
             .finish()
     }
 }
@@ -306,7 +307,7 @@ pub fn write_report(
         provenance,
         report,
         plots: &plots,
-        definitions: DEFINITIONS.iter().copied().collect(),
+        definitions: definitions().collect(),
     };
     let json = serde_json::to_string_pretty(&json)
         .map_err(|e| CodingError::Invalid(format!("serializing the report: {e}")))?;
@@ -452,13 +453,24 @@ fn kind_report(
         v.truncate(15);
         v
     };
-    let invalid_codes = ctx.is_valid.map(|valid| {
-        by_id
-            .values()
-            .flat_map(|p| p.ranking(kind))
-            .filter(|c| !valid(&c.code, kind))
-            .count()
-    });
+    let ranked_codes = |assigned_only: bool| {
+        by_id.values().map(move |p| {
+            p.ranking(kind)
+                .iter()
+                .filter(move |c| c.assigned || !assigned_only)
+                .map(|c| c.code.as_str())
+        })
+    };
+    let code_validity = KindValidity {
+        ranked: validity::code_validity(ranked_codes(false), kind, ctx.us_code_set),
+        assigned: validity::code_validity(ranked_codes(true), kind, ctx.us_code_set),
+        gold: validity::code_validity(
+            gold.iter()
+                .map(|g| g.codes(kind).iter().map(String::as_str)),
+            kind,
+            ctx.us_code_set,
+        ),
+    };
     KindReport {
         kind,
         notes: code_rows.len(),
@@ -486,7 +498,7 @@ fn kind_report(
                 },
             )
         }),
-        invalid_codes,
+        code_validity,
     }
 }
 
@@ -601,6 +613,43 @@ mod tests {
         let top50 = d.code.at_k[MAX_K - 1];
         assert_eq!(top50.0, 50);
         assert_eq!((top50.1.tp, top50.1.fp, top50.1.fn_), (2, 1, 1));
+    }
+
+    #[test]
+    fn predicted_and_gold_codes_are_checked_against_the_us_code_set() {
+        let mut prediction = sample_prediction();
+        prediction.diagnoses.push(item("R51", 4, true));
+        prediction.diagnoses.push(item("E1.19", 5, false));
+        let us = UsCodeSet::new("test", |code, _| match code {
+            "R51" => UsCodeStatus::HeaderOnly,
+            "E11.8" => UsCodeStatus::NotInCodeSet,
+            _ => UsCodeStatus::Reportable,
+        });
+        let ctx = EvalContext {
+            training_codes: None,
+            us_code_set: Some(&us),
+        };
+        let report = evaluate(&[prediction], &sample_gold(), &ctx);
+        let v = &report.kinds[0].code_validity;
+        // Ranked: I10, E11.8, E11.9, R51, E1.19.
+        assert_eq!((v.ranked.codes, v.ranked.malformed), (5, 1));
+        let us_counts = v.ranked.us_code_set.as_ref().unwrap();
+        assert_eq!(
+            (us_counts.not_in_us_code_set, us_counts.us_header_only),
+            (1, 1)
+        );
+        assert_eq!(us_counts.not_reportable_in_us, 3);
+        // Assigned: I10, E11.8, R51.
+        let assigned = v.assigned.us_code_set.as_ref().unwrap();
+        assert_eq!((v.assigned.codes, assigned.not_reportable_in_us), (3, 2));
+        assert_eq!((v.gold.codes, v.gold.malformed), (3, 0));
+        // Without the code sets the US counts are absent, not 0.
+        let report = evaluate(
+            &[sample_prediction()],
+            &sample_gold(),
+            &EvalContext::default(),
+        );
+        assert!(report.kinds[0].code_validity.ranked.us_code_set.is_none());
     }
 
     #[test]

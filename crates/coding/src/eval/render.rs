@@ -2,10 +2,15 @@
 //! as Markdown (`report.md`, and what `medcoder eval` prints) and as a self-contained HTML
 //! page (`report.html`: inline CSS, the plots by relative path, every text escaped).
 
+use super::validity::{self, CodeValidity};
 use super::{hierarchy, EvalReport, KindReport, PlotFile, Prf, Provenance, SHOWN_K};
 
-/// What each metric of the report means; printed in the report and saved in its JSON.
-pub const DEFINITIONS: &[(&str, &str)] = &[
+/// What each metric of the report means: printed in the report and saved in its JSON.
+pub fn definitions() -> impl Iterator<Item = (&'static str, &'static str)> {
+    METRICS.iter().chain(validity::DEFINITIONS).copied()
+}
+
+const METRICS: &[(&str, &str)] = &[
     (
         "assigned codes",
         "The codes of a ranking the engine marked `assigned` (above its decision threshold): \
@@ -170,14 +175,14 @@ fn document(report: &EvalReport, provenance: &Provenance, plots: &[PlotFile]) ->
             })
             .collect(),
     ));
+    validity_section(&mut doc, report, provenance);
     for k in &report.kinds {
         kind_section(&mut doc, k, plots);
     }
     doc.push(Block::Heading(2, "Definitions".into()));
     doc.push(table(
         &["metric", "definition"],
-        DEFINITIONS
-            .iter()
+        definitions()
             .map(|(name, text)| vec![name.to_string(), text.to_string()])
             .collect(),
     ));
@@ -215,6 +220,62 @@ fn provenance_section(doc: &mut Vec<Block>, provenance: &Provenance) {
         ]),
     }
     doc.push(table(&["", "value"], rows));
+}
+
+/// How many predicted and gold codes are malformed, not in the US code set, or a US header.
+fn validity_section(doc: &mut Vec<Block>, report: &EvalReport, provenance: &Provenance) {
+    doc.push(Block::Heading(3, "Code validity".into()));
+    match &provenance.code_sets {
+        Some(sets) => doc.push(Block::Text(format!(
+            "Checked against the US code sets: {} / {} (see Definitions).",
+            sets.icd10_cm, sets.icd10_pcs
+        ))),
+        None => doc.push(Block::Text(
+            "The ICD code sets are not installed (`medcoder assets fetch` installs them): \
+             codes were checked for their shape only. Codes not in the US code set and US \
+             headers were not counted (not checked, not 0)."
+                .into(),
+        )),
+    }
+    let percent = |n: usize, rate: f64| format!("{n} ({:.1}%)", rate * 100.0);
+    let not_checked = || "not checked".to_string();
+    let row = |kind: &str, which: &str, v: &CodeValidity| {
+        let mut row = vec![
+            kind.to_string(),
+            which.to_string(),
+            v.codes.to_string(),
+            percent(v.malformed, v.malformed_rate),
+        ];
+        match &v.us_code_set {
+            Some(us) => row.extend([
+                percent(us.not_in_us_code_set, us.not_in_us_code_set_rate),
+                percent(us.us_header_only, us.us_header_only_rate),
+                percent(us.not_reportable_in_us, us.not_reportable_in_us_rate),
+            ]),
+            None => row.extend([not_checked(), not_checked(), not_checked()]),
+        }
+        row
+    };
+    let mut rows = Vec::new();
+    for k in &report.kinds {
+        let v = &k.code_validity;
+        let kind = k.kind.as_str();
+        rows.push(row(kind, "predicted (ranked)", &v.ranked));
+        rows.push(row(kind, "predicted (assigned)", &v.assigned));
+        rows.push(row(kind, "gold", &v.gold));
+    }
+    doc.push(table(
+        &[
+            "kind",
+            "which codes",
+            "checked",
+            "malformed",
+            "not in the US code set",
+            "US header only",
+            "not reportable in the US",
+        ],
+        rows,
+    ));
 }
 
 fn kind_section(doc: &mut Vec<Block>, k: &KindReport, plots: &[PlotFile]) {
@@ -285,6 +346,23 @@ fn kind_section(doc: &mut Vec<Block>, k: &KindReport, plots: &[PlotFile]) {
             })
             .collect(),
     ));
+    let invalid = &k.code_validity.ranked.frequent_invalid;
+    if !invalid.is_empty() {
+        doc.push(Block::Heading(3, "Invalid predicted codes".into()));
+        doc.push(table(
+            &["code", "notes", "why"],
+            invalid
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.code.clone(),
+                        c.notes.to_string(),
+                        c.why.label().to_string(),
+                    ]
+                })
+                .collect(),
+        ));
+    }
     doc.push(Block::Heading(3, "Most frequent errors".into()));
     let errors = k
         .frequent_false_positives
@@ -450,6 +528,10 @@ mod tests {
         let md = markdown(&report, &provenance, &[]);
         assert!(md.contains("| predictions sha256 | 0000"), "{md}");
         assert!(md.contains("| ICD code sets | not installed"), "{md}");
+        assert!(
+            md.contains("| diagnosis | predicted (ranked) | 3 | 0 (0.0%) | not checked |"),
+            "{md}"
+        );
         assert!(md.contains("| 50 |"), "{md}");
         assert!(!md.contains("| 49 |"), "{md}");
         assert!(md.contains("| diagnosis | code | 2 |"), "{md}");
