@@ -61,7 +61,8 @@ enum Command {
     /// Code notes: ranked ICD-10-CM diagnoses and ICD-10-PCS procedures with evidence.
     Code(commands::code::CodeArgs),
     /// Score predictions against gold codes: micro/macro F1, MAP, top-k, by category and
-    /// chapter; a Markdown and JSON report.
+    /// chapter, hierarchical partial credit, invalid codes; a Markdown, HTML and JSON report
+    /// with plots.
     Eval(commands::eval::EvalArgs),
     /// Benchmarks, each side by side with its floor or anchor in the same run.
     #[command(subcommand)]

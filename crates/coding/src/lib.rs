@@ -2,6 +2,7 @@
 //! of those predictions against gold codes (micro/macro F1, MAP, top-k, by level and chapter).
 
 pub mod assertion;
+pub mod codiesp_tsv;
 pub mod constrained;
 pub mod engine;
 pub mod eval;

@@ -2,7 +2,7 @@
 //! database or a JSONL file; printed as Markdown, and with `--report DIR` written as
 //! Markdown, HTML, JSON and PNG plots.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,6 +16,7 @@ use medcoder_coding::eval::{
     evaluate, markdown, write_report, EvalContext, GoldNote, Provenance, UsCodeSet,
 };
 use medcoder_coding::prediction::read_predictions;
+use medcoder_coding::CodeKind;
 use medcoder_icd::IcdKnowledge;
 use medcoder_store::{Split, Store};
 use serde::Deserialize;
@@ -42,6 +43,11 @@ pub struct EvalArgs {
     /// into this folder.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Write the gold of the scored notes in CodiEsp's TSV layout (`D.tsv`, `P.tsv`) and the
+    /// codes annotated anywhere in the dataset (`D_codes.tsv`, `P_codes.tsv`) into this
+    /// folder, for TeMU-BSC's official script with `medcoder code --codiesp-out`'s files.
+    #[arg(long)]
+    codiesp_gold_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,16 +65,28 @@ pub fn run(args: EvalArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         args.gold.extension().and_then(|e| e.to_str()),
         Some("duckdb" | "db")
     );
-    let (gold, training_codes) = if is_db {
+    let Gold {
+        notes: gold,
+        training_codes,
+        dataset_codes,
+    } = if is_db {
         let Some(dataset) = &args.dataset else {
             bail!("--dataset is needed with a database as --gold")
         };
         gold_from_db(&args.gold, dataset, &args.split, &args.training_split)?
     } else {
-        (gold_from_jsonl(&args.gold)?, None)
+        gold_from_jsonl(&args.gold)?
     };
     if gold.is_empty() {
         bail!("no gold notes in {}", args.gold.display());
+    }
+    if let Some(dir) = &args.codiesp_gold_out {
+        let kind_codes = |kind: CodeKind| match kind {
+            CodeKind::Diagnosis => dataset_codes.diagnoses.clone(),
+            CodeKind::Procedure => dataset_codes.procedures.clone(),
+        };
+        let written = medcoder_coding::codiesp_tsv::write_gold(dir, &gold, kind_codes)?;
+        eprintln!("CodiEsp gold: {} files in {}", written.len(), dir.display());
     }
     let code_sets = match IcdKnowledge::load(home) {
         Ok(kb) => Some(kb),
@@ -107,7 +125,27 @@ pub fn run(args: EvalArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-type Gold = (Vec<GoldNote>, Option<HashSet<String>>);
+/// The gold notes scored, and what else the gold source says.
+struct Gold {
+    notes: Vec<GoldNote>,
+    /// Codes of the training split (database gold only).
+    training_codes: Option<HashSet<String>>,
+    /// Every code annotated in the dataset (all splits; a gold file's codes).
+    dataset_codes: DatasetCodes,
+}
+
+#[derive(Default)]
+struct DatasetCodes {
+    diagnoses: BTreeSet<String>,
+    procedures: BTreeSet<String>,
+}
+
+impl DatasetCodes {
+    fn add(&mut self, diagnoses: &[String], procedures: &[String]) {
+        self.diagnoses.extend(diagnoses.iter().cloned());
+        self.procedures.extend(procedures.iter().cloned());
+    }
+}
 
 fn gold_from_db(db: &Path, dataset: &str, split: &str, training: &str) -> anyhow::Result<Gold> {
     let (split, training) = (
@@ -117,8 +155,10 @@ fn gold_from_db(db: &Path, dataset: &str, split: &str, training: &str) -> anyhow
     let store = Store::open(db)?;
     let mut gold = Vec::new();
     let mut training_codes = HashSet::new();
+    let mut dataset_codes = DatasetCodes::default();
     store.for_each_coding_batch(dataset, false, 512, |batch| {
         for e in batch {
+            dataset_codes.add(&e.diagnoses, &e.procedures);
             match e.split.as_deref() {
                 Some(s) if s == split => gold.push(GoldNote {
                     id: e.doc_id,
@@ -133,12 +173,17 @@ fn gold_from_db(db: &Path, dataset: &str, split: &str, training: &str) -> anyhow
         }
         Ok(())
     })?;
-    Ok((gold, (!training_codes.is_empty()).then_some(training_codes)))
+    Ok(Gold {
+        notes: gold,
+        training_codes: (!training_codes.is_empty()).then_some(training_codes),
+        dataset_codes,
+    })
 }
 
-fn gold_from_jsonl(file: &Path) -> anyhow::Result<Vec<GoldNote>> {
+fn gold_from_jsonl(file: &Path) -> anyhow::Result<Gold> {
     let reader = std::io::BufReader::new(fs_err::File::open(file)?);
     let mut gold = Vec::new();
+    let mut dataset_codes = DatasetCodes::default();
     for (i, line) in reader.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -146,13 +191,19 @@ fn gold_from_jsonl(file: &Path) -> anyhow::Result<Vec<GoldNote>> {
         }
         let g: GoldLine = serde_json::from_str(&line)
             .with_context(|| format!("{} line {}", file.display(), i + 1))?;
-        gold.push(GoldNote {
+        let note = GoldNote {
             id: g.id,
             diagnoses: g.diagnoses.iter().map(|c| normalize(c)).collect(),
             procedures: g.procedures.iter().map(|c| normalize(c)).collect(),
-        });
+        };
+        dataset_codes.add(&note.diagnoses, &note.procedures);
+        gold.push(note);
     }
-    Ok(gold)
+    Ok(Gold {
+        notes: gold,
+        training_codes: None,
+        dataset_codes,
+    })
 }
 
 /// Codes as the store keeps them: upper case (CodiEsp's files are lower case).

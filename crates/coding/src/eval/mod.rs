@@ -34,7 +34,7 @@ pub struct GoldNote {
 }
 
 impl GoldNote {
-    fn codes(&self, kind: CodeKind) -> &[String] {
+    pub fn codes(&self, kind: CodeKind) -> &[String] {
         match kind {
             CodeKind::Diagnosis => &self.diagnoses,
             CodeKind::Procedure => &self.procedures,
