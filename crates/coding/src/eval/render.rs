@@ -152,9 +152,9 @@ fn document(report: &EvalReport, provenance: &Provenance, plots: &[PlotFile]) ->
             "hierarchical F1",
             "exact F1",
             "assigned codes",
-            "their credit",
+            "assigned credit",
             "gold codes",
-            "their credit",
+            "gold credit",
         ],
         report
             .kinds
