@@ -61,7 +61,8 @@ enum Command {
     /// Code notes: ranked ICD-10-CM diagnoses and ICD-10-PCS procedures with evidence.
     Code(commands::code::CodeArgs),
     /// Score predictions against gold codes: micro/macro F1, MAP, top-k, by category and
-    /// chapter; a Markdown and JSON report.
+    /// chapter, hierarchical partial credit, invalid codes; a Markdown, HTML and JSON report
+    /// with plots.
     Eval(commands::eval::EvalArgs),
     /// Serve the coding API and an OpenAI-compatible chat endpoint over HTTP.
     Serve(commands::serve::ServeArgs),
@@ -95,7 +96,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args, &home),
         Command::Merge(args) => commands::merge::run(args, &home),
         Command::Code(args) => commands::code::run(args, &home),
-        Command::Eval(args) => commands::eval::run(args),
+        Command::Eval(args) => commands::eval::run(args, &home),
         Command::Serve(args) => commands::serve::run(args, &home),
         Command::Bench(cmd) => commands::bench::run(cmd, &home),
     };

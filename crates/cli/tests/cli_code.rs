@@ -302,3 +302,178 @@ fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
     assert_ne!(run.code, Some(0));
     assert!(run.stderr.contains("engine `magic`"), "{}", run.stderr);
 }
+
+/// `medcoder code --split dev` then `medcoder eval --report` on it (and the CodiEsp TSVs of
+/// both); returns report.json and the folder everything went into.
+fn code_dev_and_report(home: &Path, db: &Path, dir: &Path) -> Value {
+    let preds = dir.join("preds.jsonl");
+    let db_s = db.to_str().unwrap();
+    let run = medcoder(
+        home,
+        &[
+            "code",
+            "--db",
+            db_s,
+            "--dataset",
+            "codiesp",
+            "--split",
+            "dev",
+            "--out",
+            preds.to_str().unwrap(),
+            "--codiesp-out",
+            dir.join("pred").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let run = medcoder(
+        home,
+        &[
+            "eval",
+            "--pred",
+            preds.to_str().unwrap(),
+            "--gold",
+            db_s,
+            "--dataset",
+            "codiesp",
+            "--split",
+            "dev",
+            "--report",
+            dir.join("report").to_str().unwrap(),
+            "--codiesp-gold-out",
+            dir.join("gold").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let json = std::fs::read_to_string(dir.join("report").join("report.json")).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+#[test]
+fn eval_report_has_every_file_metric_and_provenance_and_the_codiesp_gold() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A home without the code sets: validity is checked for the shape only, and says so.
+    let home = tmp.path().join("home");
+    let (db, _) = prepared_corpus(tmp.path(), &home);
+    let json = code_dev_and_report(&home, &db, tmp.path());
+    let report = tmp.path().join("report");
+
+    for png in [
+        "top_k_diagnosis.png",
+        "top_k_procedure.png",
+        "chapter_f1_diagnosis.png",
+        "chapter_f1_procedure.png",
+    ] {
+        let bytes = std::fs::read(report.join(png)).unwrap();
+        assert!(bytes.len() > 1000, "{png}: {} bytes", bytes.len());
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png}");
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(&report)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+
+    // Provenance.
+    let p = &json["provenance"];
+    assert_eq!(p["predictions"]["engines"], json!(["retrieval"]), "{p}");
+    let model = p["predictions"]["models"][0].as_str().unwrap();
+    assert!(model.contains("codiesp train"), "{model}");
+    assert_eq!(p["predictions"]["notes"], 6);
+    let sha = p["predictions"]["sha256"].as_str().unwrap();
+    assert!(
+        sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()),
+        "{sha}"
+    );
+    assert!(p["predictions"]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("preds.jsonl"));
+    assert!(p["gold"]["file"].as_str().unwrap().ends_with("c.duckdb"));
+    assert_eq!(p["gold"]["dataset"], "codiesp");
+    assert_eq!(p["gold"]["split"], "dev");
+    assert_eq!(p["medcoder_version"], env!("CARGO_PKG_VERSION"));
+    assert!(p["evaluated_at"].as_str().unwrap().ends_with('Z'), "{p}");
+    assert!(p["code_sets"].is_null(), "{p}");
+
+    // Every metric, for both kinds.
+    let kinds = json["kinds"].as_array().unwrap();
+    assert_eq!(kinds.len(), 2);
+    for (k, name) in kinds.iter().zip(["diagnosis", "procedure"]) {
+        assert_eq!(k["kind"], name);
+        for level in ["code", "category"] {
+            let s = &k[level];
+            for metric in ["map", "map_predicted_only", "macro_f1", "macro_precision"] {
+                assert!(s[metric].is_f64(), "{name} {level} {metric}: {s}");
+            }
+            assert!(s["micro"]["f1"].is_f64());
+            assert_eq!(s["at_k"].as_array().unwrap().len(), 50, "{name} {level}");
+        }
+        let h = &k["hierarchical"];
+        assert!(h["f1"].as_f64().unwrap() >= k["code"]["micro"]["f1"].as_f64().unwrap());
+        assert!(!k["chapters"].as_array().unwrap().is_empty());
+        let ranked = &k["code_validity"]["ranked"];
+        assert_eq!(ranked["malformed"], 0, "{ranked}");
+        assert!(
+            ranked["us_code_set"].is_null(),
+            "not checked, not 0: {ranked}"
+        );
+        assert!(k["code_validity"]["gold"]["codes"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(json["plots"].as_array().unwrap().len(), 4);
+    let definitions = json["definitions"].as_object().unwrap();
+    assert!(definitions.contains_key("hierarchical P / R / F1"));
+    assert!(definitions.contains_key("not in the US code set"));
+
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("| diagnosis | code | 6 |"), "{md}");
+    assert!(md.contains("ICD code sets | not installed"), "{md}");
+    assert!(md.contains("not checked"), "{md}");
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(
+        html.contains("<img src=\"chapter_f1_procedure.png\""),
+        "{html}"
+    );
+    assert!(html.contains(sha), "{html}");
+
+    // The gold in CodiEsp's layout, next to the predictions' TSVs.
+    let gold = |name: &str| std::fs::read_to_string(tmp.path().join("gold").join(name)).unwrap();
+    assert!(gold("D.tsv").lines().any(|l| l == "case-100-1\tr51"));
+    assert!(gold("P.tsv").lines().any(|l| l == "case-100-2\t0sr9019"));
+    assert!(gold("D_codes.tsv").lines().any(|l| l == "w19.xxxa"));
+    assert!(gold("P_codes.tsv").lines().any(|l| l == "bw03zzz"));
+    assert!(tmp.path().join("pred").join("D.tsv").is_file());
+}
+
+#[test]
+fn with_the_code_sets_eval_counts_codes_the_us_release_has_only_as_headers() {
+    let Some(home) = support::icd_home() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (db, _) = prepared_corpus(tmp.path(), home.root());
+    let json = code_dev_and_report(home.root(), &db, tmp.path());
+    let cm = json["provenance"]["code_sets"]["icd10_cm"]
+        .as_str()
+        .unwrap();
+    assert!(cm.contains("ICD-10-CM"), "{cm}");
+    // R51 (the Spanish edition's code) is a header in the US release: in the gold of the two
+    // pneumonia notes, and among the codes predicted for them.
+    let d = &json["kinds"][0]["code_validity"];
+    let gold = &d["gold"]["us_code_set"];
+    assert_eq!(gold["us_header_only"], 2, "{d}");
+    assert_eq!(gold["not_in_us_code_set"], 0, "{d}");
+    assert_eq!(d["gold"]["frequent_invalid"][0]["code"], "R51", "{d}");
+    assert_eq!(
+        d["gold"]["frequent_invalid"][0]["why"], "us_header_only",
+        "{d}"
+    );
+    let ranked = &d["ranked"]["us_code_set"];
+    assert!(ranked["us_header_only"].as_u64().unwrap() >= 1, "{d}");
+    assert_eq!(d["ranked"]["malformed"], 0, "{d}");
+    let md = std::fs::read_to_string(tmp.path().join("report").join("report.md")).unwrap();
+    assert!(md.contains("| R51 | "), "{md}");
+}

@@ -2,6 +2,7 @@
 //! of those predictions against gold codes (micro/macro F1, MAP, top-k, by level and chapter).
 
 pub mod assertion;
+pub mod codiesp_tsv;
 pub mod constrained;
 pub mod engine;
 pub mod eval;
@@ -26,4 +27,7 @@ pub enum CodingError {
     Store(#[from] medcoder_store::StoreError),
     #[error("{0}")]
     Invalid(String),
+    /// Writing an output file (atomically) or a plot failed.
+    #[error(transparent)]
+    Output(#[from] medcoder_train::TrainError),
 }

@@ -18,7 +18,7 @@ pub mod trainer;
 
 pub use config::TrainConfig;
 pub use error::TrainError;
-pub use plot::plot_loss_curves;
+pub use plot::{plot_loss_curves, write_plot, FONT_FAMILY};
 pub use prompt::{CodeList, PromptTemplate};
 pub use tokenize::{
     coding_prompt_text, tokenize_dataset, LengthStats, TokenizeOptions, TokenizeReport, Truncation,

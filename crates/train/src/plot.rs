@@ -1,5 +1,6 @@
 //! The run's loss plot: training loss per step (raw, and smoothed by an exponential moving
-//! average) and evaluation loss per evaluation, against the step, as a PNG.
+//! average) and evaluation loss per evaluation, against the step, as a PNG; and
+//! [`write_plot`], which every medcoder plot (the evaluation report's too) is written through.
 //!
 //! Text (caption, tick labels, axis names, legend) needs a font. plotters renders text with
 //! `ab_glyph` from a font registered at run time; the first system TTF found in
@@ -21,7 +22,7 @@ const WIDTH: u32 = 1000;
 const HEIGHT: u32 = 600;
 
 /// The font family name text is drawn with (and the registered font is registered under).
-const FONT_FAMILY: &str = "sans-serif";
+pub const FONT_FAMILY: &str = "sans-serif";
 
 /// System fonts tried, in order; the first that exists and parses is used.
 const FONT_CANDIDATES: &[&str] = &[
@@ -54,25 +55,40 @@ pub fn plot_loss_curves(records: &[MetricsRecord], path: &Path) -> Result<(), Tr
     if curves.is_empty() {
         return Ok(());
     }
+    write_plot(path, |target, with_text| render(&curves, target, with_text))
+}
+
+/// Write a plot to `path` (PNG) atomically: `render(target, with_text)` draws into the PNG
+/// file `target` (a temp file in `path`'s folder, renamed over `path` once drawn). `with_text`
+/// is true when a system font is registered (plotters cannot draw text without one); a render
+/// with text that fails is retried without.
+pub fn write_plot(
+    path: &Path,
+    render: impl Fn(&Path, bool) -> Result<(), String>,
+) -> Result<(), TrainError> {
     let with_text = font_available();
-    match write_png(&curves, path, with_text) {
-        // A font that was registered but fails to render: still draw the curves.
+    match write_png(path, with_text, &render) {
+        // A font that was registered but fails to render: still draw the plot.
         Err(error) if with_text => {
-            tracing::debug!(%error, "loss plot with text failed; drawing it without text");
-            write_png(&curves, path, false)
+            tracing::debug!(%error, path = %path.display(), "plot with text failed; drawing it without text");
+            write_png(path, false, &render)
         }
         other => other,
     }
 }
 
 /// Render into a temp file next to `path` and rename it over `path`.
-fn write_png(curves: &Curves, path: &Path, with_text: bool) -> Result<(), TrainError> {
+fn write_png(
+    path: &Path,
+    with_text: bool,
+    render: &dyn Fn(&Path, bool) -> Result<(), String>,
+) -> Result<(), TrainError> {
     let plot_error = |message: String| TrainError::Plot {
         path: path.display().to_string(),
         message,
     };
     crate::atomic::write_through(path, &temp_path(path), |temp| {
-        render(curves, temp, with_text).map_err(plot_error)
+        render(temp, with_text).map_err(plot_error)
     })
 }
 
@@ -99,11 +115,11 @@ fn font_available() -> bool {
             // plotters keeps registered fonts for the life of the process.
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
             if plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, bytes).is_ok() {
-                tracing::debug!(font = %candidate, "loss plot font");
+                tracing::debug!(font = %candidate, "plot font");
                 return true;
             }
         }
-        tracing::debug!("no system font found; the loss plot has no text");
+        tracing::debug!("no system font found; plots have no text");
         false
     })
 }
@@ -460,7 +476,11 @@ mod tests {
     fn draws_without_a_font() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("loss.png");
-        write_png(&Curves::from_records(&synthetic()), &path, false).unwrap();
+        let curves = Curves::from_records(&synthetic());
+        write_png(&path, false, &|target, with_text| {
+            render(&curves, target, with_text)
+        })
+        .unwrap();
         assert_png(&path);
     }
 

@@ -71,7 +71,10 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
             OutputFormat::Table => print_table(&prediction, args.top)?,
         }
         if let Some(dir) = &args.codiesp_out {
-            write_codiesp(dir, std::slice::from_ref(&prediction))?;
+            medcoder_coding::codiesp_tsv::write_predictions(
+                dir,
+                std::slice::from_ref(&prediction),
+            )?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -142,7 +145,7 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         eprintln!("skipped {failure}");
     }
     if let Some(dir) = &args.codiesp_out {
-        write_codiesp(dir, &read_predictions(out)?)?;
+        medcoder_coding::codiesp_tsv::write_predictions(dir, &read_predictions(out)?)?;
     }
     outln!(
         "coded {} notes ({} already in {}), {} skipped",
@@ -255,25 +258,6 @@ fn print_table(p: &NotePrediction, top: usize) -> anyhow::Result<()> {
                 );
             }
         }
-    }
-    Ok(())
-}
-
-/// CodiEsp's submission layout: `D.tsv` and `P.tsv`, `id<TAB>code` in rank order.
-fn write_codiesp(dir: &Path, predictions: &[NotePrediction]) -> anyhow::Result<()> {
-    fs_err::create_dir_all(dir)?;
-    for (kind, name) in [
-        (CodeKind::Diagnosis, "D.tsv"),
-        (CodeKind::Procedure, "P.tsv"),
-    ] {
-        let mut text = String::new();
-        for p in predictions {
-            for c in p.ranking(kind) {
-                // CodiEsp writes codes lower-case, CM codes with their dot.
-                text += &format!("{}\t{}\n", p.id, c.code.to_lowercase());
-            }
-        }
-        medcoder_train::atomic::write_file(&dir.join(name), text.as_bytes())?;
     }
     Ok(())
 }

@@ -3,12 +3,27 @@
 //! every gold note with a note without predictions scoring 0, and as the official script does,
 //! over the notes with predictions only); P/R/F1 of the top k; the same at the 3-character
 //! category level; per chapter; the most frequent errors; recall on codes unseen in training.
+//! [`write_report`] writes it all as Markdown, HTML, JSON and PNG plots.
+
+mod hierarchy;
+mod plots;
+pub mod provenance;
+mod render;
+pub mod validity;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::prediction::{CodeKind, NotePrediction};
+use crate::CodingError;
+
+pub use hierarchy::{hierarchy_credit, HierarchicalScores};
+pub use plots::{Plot, PlotFile};
+pub use provenance::Provenance;
+pub use render::{definitions, html, markdown};
+pub use validity::{CodeValidity, KindValidity, UsCodeSet, UsCodeStatus};
 
 /// A note's gold codes.
 #[derive(Debug, Clone)]
@@ -19,7 +34,7 @@ pub struct GoldNote {
 }
 
 impl GoldNote {
-    fn codes(&self, kind: CodeKind) -> &[String] {
+    pub fn codes(&self, kind: CodeKind) -> &[String] {
         match kind {
             CodeKind::Diagnosis => &self.diagnoses,
             CodeKind::Procedure => &self.procedures,
@@ -70,7 +85,7 @@ pub struct LevelScores {
     pub map: f64,
     /// Over gold notes with at least one prediction (what the official CodiEsp script does).
     pub map_predicted_only: f64,
-    /// (k, micro P/R/F1 of the top k of each ranking)
+    /// (k, micro P/R/F1 of the top k of each ranking), for every k from 1 to [`MAX_K`].
     pub at_k: Vec<(usize, Prf)>,
 }
 
@@ -89,13 +104,16 @@ pub struct KindReport {
     pub notes_with_predictions: usize,
     pub code: LevelScores,
     pub category: LevelScores,
+    /// P/R/F1 of the assigned codes with partial credit for near misses in the hierarchy.
+    pub hierarchical: HierarchicalScores,
     pub chapters: Vec<ChapterScores>,
     pub frequent_false_positives: Vec<(String, usize)>,
     pub frequent_false_negatives: Vec<(String, usize)>,
     /// Gold codes never seen in training, and the share of them recalled.
     pub unseen_in_training: Option<(usize, f64)>,
-    /// Predicted codes (anywhere in a ranking) outside the allowed code set, when one is given.
-    pub invalid_codes: Option<usize>,
+    /// Predicted and gold codes that are malformed, or (when the code sets are installed) not
+    /// in the US code set or only a header there.
+    pub code_validity: KindValidity,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,33 +123,32 @@ pub struct EvalReport {
     /// Predicted notes without gold (ignored), and gold notes without a prediction (scored 0).
     pub predictions_without_gold: usize,
     pub gold_without_predictions: usize,
-    pub engines: Vec<String>,
-    pub models: Vec<String>,
     pub kinds: Vec<KindReport>,
 }
-
-/// Whether a code is valid in the code set predictions must come from.
-pub type CodeValidator<'a> = dyn Fn(&str, CodeKind) -> bool + Sync + 'a;
 
 /// What [`evaluate`] may use besides predictions and gold.
 #[derive(Default)]
 pub struct EvalContext<'a> {
     /// Codes of the training notes, to measure recall on unseen ones.
     pub training_codes: Option<&'a HashSet<String>>,
-    /// Whether a code is valid in the code set predictions must come from.
-    pub is_valid: Option<&'a CodeValidator<'a>>,
+    /// The US code set, to count codes it lacks or has only as a header; `None` when it is
+    /// not installed (codes are then checked for their shape only).
+    pub us_code_set: Option<&'a UsCodeSet<'a>>,
 }
 
 impl std::fmt::Debug for EvalContext<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EvalContext")
             .field("training_codes", &self.training_codes.map(HashSet::len))
-            .field("is_valid", &self.is_valid.is_some())
+            .field("us_code_set", &self.us_code_set)
             .finish()
     }
 }
 
-const TOP_K: [usize; 9] = [1, 3, 5, 10, 15, 20, 25, 30, 50];
+/// Top-k scores are computed for every k from 1 to this.
+pub const MAX_K: usize = 50;
+/// The k shown in the Markdown report's top-k table (the HTML and JSON have every k).
+const SHOWN_K: [usize; 9] = [1, 3, 5, 10, 15, 20, 25, 30, 50];
 
 pub fn evaluate(
     predictions: &[NotePrediction],
@@ -141,12 +158,6 @@ pub fn evaluate(
     let by_id: HashMap<&str, &NotePrediction> =
         predictions.iter().map(|p| (p.id.as_str(), p)).collect();
     let gold_ids: HashSet<&str> = gold.iter().map(|g| g.id.as_str()).collect();
-    let mut engines: Vec<String> = predictions.iter().map(|p| p.engine.clone()).collect();
-    engines.sort();
-    engines.dedup();
-    let mut models: Vec<String> = predictions.iter().map(|p| p.model.clone()).collect();
-    models.sort();
-    models.dedup();
     let kinds = CodeKind::BOTH
         .iter()
         .map(|&kind| kind_report(kind, &by_id, gold, ctx))
@@ -162,8 +173,6 @@ pub fn evaluate(
             .iter()
             .filter(|g| !by_id.contains_key(g.id.as_str()))
             .count(),
-        engines,
-        models,
         kinds,
     }
 }
@@ -246,9 +255,8 @@ fn level_scores(rows: &Rows) -> LevelScores {
             predicted_sum += ap;
         }
     }
-    let at_k = TOP_K
-        .iter()
-        .map(|&k| {
+    let at_k = (1..=MAX_K)
+        .map(|k| {
             let (mut tp, mut fp, mut fn_) = (0, 0, 0);
             for (gold, ranked, _) in rows {
                 let top = &ranked[..k.min(ranked.len())];
@@ -273,6 +281,49 @@ fn level_scores(rows: &Rows) -> LevelScores {
         },
         at_k,
     }
+}
+
+/// What `report.json` holds: where the inputs came from, the scores, the plots beside it, and
+/// what each metric means.
+#[derive(Serialize)]
+struct ReportJson<'a> {
+    provenance: &'a Provenance,
+    #[serde(flatten)]
+    report: &'a EvalReport,
+    plots: &'a [PlotFile],
+    definitions: BTreeMap<&'static str, &'static str>,
+}
+
+/// Writes `report.md`, `report.html`, `report.json` and the plots (PNG) into `dir`, created
+/// when missing; each file is replaced atomically. Returns the paths written.
+pub fn write_report(
+    dir: &Path,
+    report: &EvalReport,
+    provenance: &Provenance,
+) -> Result<Vec<PathBuf>, CodingError> {
+    fs_err::create_dir_all(dir)?;
+    let plots = plots::write_plots(dir, report)?;
+    let json = ReportJson {
+        provenance,
+        report,
+        plots: &plots,
+        definitions: definitions().collect(),
+    };
+    let json = serde_json::to_string_pretty(&json)
+        .map_err(|e| CodingError::Invalid(format!("serializing the report: {e}")))?;
+    let documents = [
+        ("report.md", markdown(report, provenance, &plots)),
+        ("report.html", html(report, provenance, &plots)),
+        ("report.json", json),
+    ];
+    let mut written = Vec::new();
+    for (name, text) in documents {
+        let path = dir.join(name);
+        medcoder_train::atomic::write_file(&path, text.as_bytes())?;
+        written.push(path);
+    }
+    written.extend(plots.iter().map(|p| dir.join(&p.file)));
+    Ok(written)
 }
 
 /// CodiEsp's average precision: Σ over relevant ranks of precision at that rank, / |gold|.
@@ -402,19 +453,31 @@ fn kind_report(
         v.truncate(15);
         v
     };
-    let invalid_codes = ctx.is_valid.map(|valid| {
-        by_id
-            .values()
-            .flat_map(|p| p.ranking(kind))
-            .filter(|c| !valid(&c.code, kind))
-            .count()
-    });
+    let ranked_codes = |assigned_only: bool| {
+        by_id.values().map(move |p| {
+            p.ranking(kind)
+                .iter()
+                .filter(move |c| c.assigned || !assigned_only)
+                .map(|c| c.code.as_str())
+        })
+    };
+    let code_validity = KindValidity {
+        ranked: validity::code_validity(ranked_codes(false), kind, ctx.us_code_set),
+        assigned: validity::code_validity(ranked_codes(true), kind, ctx.us_code_set),
+        gold: validity::code_validity(
+            gold.iter()
+                .map(|g| g.codes(kind).iter().map(String::as_str)),
+            kind,
+            ctx.us_code_set,
+        ),
+    };
     KindReport {
         kind,
         notes: code_rows.len(),
         notes_with_predictions: code_rows.iter().filter(|r| !r.1.is_empty()).count(),
         code: level_scores(&code_rows),
         category: level_scores(&category_rows),
+        hierarchical: hierarchy::hierarchical_scores(&code_rows),
         chapters: chapters
             .into_iter()
             .map(|(chapter, (tp, fp, fn_, gold))| ChapterScores {
@@ -435,80 +498,14 @@ fn kind_report(
                 },
             )
         }),
-        invalid_codes,
+        code_validity,
     }
-}
-
-/// The report as Markdown.
-pub fn markdown(report: &EvalReport, title: &str) -> String {
-    let mut md = format!("# {title}\n\n");
-    md += &format!(
-        "Gold notes: {} · predicted notes: {} · gold notes without a prediction (scored 0): {} · predictions without gold (ignored): {}\n\n",
-        report.notes_gold, report.notes_predicted, report.gold_without_predictions, report.predictions_without_gold
-    );
-    md += &format!(
-        "Engines: {} · models: {}\n\n",
-        report.engines.join(", "),
-        report.models.join("; ")
-    );
-    md += "| kind | level | notes | MAP | MAP (predicted only) | micro P | micro R | micro F1 | macro F1 |\n|---|---|---|---|---|---|---|---|---|\n";
-    for k in &report.kinds {
-        for (level, s) in [("code", &k.code), ("category", &k.category)] {
-            md += &format!(
-                "| {} | {level} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-                k.kind.as_str(),
-                k.notes,
-                s.map,
-                s.map_predicted_only,
-                s.micro.precision,
-                s.micro.recall,
-                s.micro.f1,
-                s.macro_f1
-            );
-        }
-    }
-    for k in &report.kinds {
-        md += &format!("\n## {}\n\n", k.kind.as_str());
-        if let Some((n, recall)) = k.unseen_in_training {
-            md += &format!(
-                "Gold codes unseen in training: {n}, recalled: {:.1}%\n\n",
-                recall * 100.0
-            );
-        }
-        if let Some(invalid) = k.invalid_codes {
-            md += &format!("Predicted codes outside the allowed code set: {invalid}\n\n");
-        }
-        md += "| top k | P | R | F1 |\n|---|---|---|---|\n";
-        for (kk, p) in &k.code.at_k {
-            md += &format!(
-                "| {kk} | {:.3} | {:.3} | {:.3} |\n",
-                p.precision, p.recall, p.f1
-            );
-        }
-        md += "\n| chapter | gold | P | R | F1 |\n|---|---|---|---|---|\n";
-        for c in &k.chapters {
-            md += &format!(
-                "| {} | {} | {:.3} | {:.3} | {:.3} |\n",
-                c.chapter, c.gold, c.scores.precision, c.scores.recall, c.scores.f1
-            );
-        }
-        let list = |v: &[(String, usize)]| {
-            v.iter()
-                .map(|(c, n)| format!("{c} ({n})"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        md += &format!(
-            "\nMost frequent false positives: {}\n\nMost frequent false negatives: {}\n",
-            list(&k.frequent_false_positives),
-            list(&k.frequent_false_negatives)
-        );
-    }
-    md
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::prediction::CodedItem;
 
@@ -525,9 +522,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn map_counts_missing_predictions_as_zero_and_f1_uses_assigned_codes() {
-        let gold = vec![
+    fn sample_gold() -> Vec<GoldNote> {
+        vec![
             GoldNote {
                 id: "a".into(),
                 diagnoses: vec!["E11.9".into(), "I10".into()],
@@ -538,8 +534,11 @@ mod tests {
                 diagnoses: vec!["J18.9".into()],
                 procedures: vec![],
             },
-        ];
-        let pred = NotePrediction {
+        ]
+    }
+
+    fn sample_prediction() -> NotePrediction {
+        NotePrediction {
             id: "a".into(),
             diagnoses: vec![
                 item("I10", 1, true),
@@ -551,8 +550,42 @@ mod tests {
             engine: "test".into(),
             model: "m".into(),
             elapsed_ms: 0.0,
-        };
-        let report = evaluate(&[pred], &gold, &EvalContext::default());
+        }
+    }
+
+    pub(super) fn sample_provenance() -> Provenance {
+        Provenance {
+            predictions: provenance::PredictionSource {
+                file: "preds.jsonl".into(),
+                sha256: "00".repeat(32),
+                notes: 1,
+                engines: vec!["test".into()],
+                models: vec!["m".into()],
+            },
+            gold: provenance::GoldSource {
+                file: "c.duckdb".into(),
+                dataset: Some("codiesp".into()),
+                split: Some("validation".into()),
+                training_split: Some("train".into()),
+            },
+            medcoder_version: "0.1.0".into(),
+            evaluated_at: "2026-04-01T09:30:00Z".into(),
+            code_sets: None,
+        }
+    }
+
+    /// Two gold notes with diagnoses only; one predicted.
+    pub(super) fn sample_report() -> EvalReport {
+        evaluate(
+            &[sample_prediction()],
+            &sample_gold(),
+            &EvalContext::default(),
+        )
+    }
+
+    #[test]
+    fn map_counts_missing_predictions_as_zero_and_f1_uses_assigned_codes() {
+        let report = sample_report();
         let d = &report.kinds[0];
         // AP(a) = (1/1 + 2/3) / 2; AP(b) = 0 (no prediction)
         let ap_a = (1.0 + 2.0 / 3.0) / 2.0;
@@ -571,7 +604,91 @@ mod tests {
             chapter("0DTJ4ZZ", CodeKind::Procedure),
             "0 Medical and Surgical"
         );
+        // Hierarchical: E11.8 earns 3/4 against E11.9 (and E11.9 against it); I10 is exact.
+        assert!((d.hierarchical.precision - 1.75 / 2.0).abs() < 1e-12);
+        assert!((d.hierarchical.recall - 1.75 / 3.0).abs() < 1e-12);
         let top1 = d.code.at_k[0].1;
         assert_eq!((top1.tp, top1.fp, top1.fn_), (1, 0, 2));
+        assert_eq!(d.code.at_k.len(), MAX_K);
+        let top50 = d.code.at_k[MAX_K - 1];
+        assert_eq!(top50.0, 50);
+        assert_eq!((top50.1.tp, top50.1.fp, top50.1.fn_), (2, 1, 1));
+    }
+
+    #[test]
+    fn predicted_and_gold_codes_are_checked_against_the_us_code_set() {
+        let mut prediction = sample_prediction();
+        prediction.diagnoses.push(item("R51", 4, true));
+        prediction.diagnoses.push(item("E1.19", 5, false));
+        let us = UsCodeSet::new("test", |code, _| match code {
+            "R51" => UsCodeStatus::HeaderOnly,
+            "E11.8" => UsCodeStatus::NotInCodeSet,
+            _ => UsCodeStatus::Reportable,
+        });
+        let ctx = EvalContext {
+            training_codes: None,
+            us_code_set: Some(&us),
+        };
+        let report = evaluate(&[prediction], &sample_gold(), &ctx);
+        let v = &report.kinds[0].code_validity;
+        // Ranked: I10, E11.8, E11.9, R51, E1.19.
+        assert_eq!((v.ranked.codes, v.ranked.malformed), (5, 1));
+        let us_counts = v.ranked.us_code_set.as_ref().unwrap();
+        assert_eq!(
+            (us_counts.not_in_us_code_set, us_counts.us_header_only),
+            (1, 1)
+        );
+        assert_eq!(us_counts.not_reportable_in_us, 3);
+        // Assigned: I10, E11.8, R51.
+        let assigned = v.assigned.us_code_set.as_ref().unwrap();
+        assert_eq!((v.assigned.codes, assigned.not_reportable_in_us), (3, 2));
+        assert_eq!((v.gold.codes, v.gold.malformed), (3, 0));
+        // Without the code sets the US counts are absent, not 0.
+        let report = evaluate(
+            &[sample_prediction()],
+            &sample_gold(),
+            &EvalContext::default(),
+        );
+        assert!(report.kinds[0].code_validity.ranked.us_code_set.is_none());
+    }
+
+    #[test]
+    fn write_report_writes_every_file_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("report");
+        let written = write_report(&out, &sample_report(), &sample_provenance()).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "chapter_f1_diagnosis.png",
+                "report.html",
+                "report.json",
+                "report.md",
+                "top_k_diagnosis.png",
+                "top_k_procedure.png"
+            ]
+        );
+        assert_eq!(written.len(), names.len());
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            json["kinds"][0]["code"]["at_k"].as_array().unwrap().len(),
+            50
+        );
+        assert_eq!(json["plots"][0]["file"], "top_k_diagnosis.png");
+        assert_eq!(json["provenance"]["predictions"]["engines"][0], "test");
+        assert_eq!(json["provenance"]["gold"]["dataset"], "codiesp");
+        assert!(json["definitions"]["MAP"]
+            .as_str()
+            .unwrap()
+            .contains("CodiEsp"));
+        let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+        assert!(html.contains("<img src=\"top_k_diagnosis.png\""), "{html}");
     }
 }
