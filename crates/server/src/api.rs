@@ -23,7 +23,8 @@ use crate::{ApiJson, AppState};
 pub struct CodeRequest {
     /// The caller's id for the note, echoed back (`note` when absent).
     pub id: Option<String>,
-    /// The note, plain UTF-8 text.
+    /// The note, plain UTF-8 text (not blank).
+    #[schema(min_length = 1, pattern = r"\S")]
     pub text: String,
     #[serde(default)]
     pub options: CodeOptions,
@@ -33,6 +34,8 @@ pub struct CodeRequest {
 #[serde(deny_unknown_fields)]
 pub struct CodeOptions {
     /// Codes per kind kept at most (the ranking's head).
+    #[serde(default, deserialize_with = "crate::whole_number::optional")]
+    #[schema(minimum = 0)]
     pub top: Option<usize>,
     /// Only the codes above the engine's threshold (the ones a coder is handed).
     #[serde(default)]
@@ -44,6 +47,26 @@ pub struct FormatQuery {
     /// `json` (default).
     pub format: Option<String>,
 }
+
+/// Notes to code together (1 to `limits.max_batch_notes`).
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct CodeBatch(pub Vec<CodeRequest>);
+
+impl utoipa::PartialSchema for CodeBatch {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ArrayBuilder::new()
+            .items(utoipa::openapi::Ref::from_schema_name("CodeRequest"))
+            .min_items(Some(1))
+            .description(Some(
+                "Notes to code together (1 to `limits.max_batch_notes`).",
+            ))
+            .build()
+            .into()
+    }
+}
+
+impl ToSchema for CodeBatch {}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BatchResult {
@@ -143,6 +166,7 @@ pub async fn code_note(
     Query(query): Query<FormatQuery>,
     ApiJson(request): ApiJson<CodeRequest>,
 ) -> Result<Response, ApiError> {
+    let deadline = deadline(&state);
     let format = OutputFormat::parse(query.format.as_deref())?;
     let id = request.id.unwrap_or_else(|| "note".into());
     check_note(&state, &id, &request.text)?;
@@ -150,18 +174,26 @@ pub async fn code_note(
         .queue()
         .ok_or_else(|| ApiError::not_ready("the engine"))?;
     let answer = queue.submit(id, request.text).map_err(submit_error)?;
-    let prediction = await_prediction(&state, answer).await?;
+    let prediction = await_prediction(&state, deadline, answer).await?;
     Ok(format.render(trim(prediction, &request.options)))
 }
 
-/// Codes several notes (at most `limits.max_batch_notes`); a failed note is reported in its
-/// place and the rest are coded.
-#[utoipa::path(post, path = "/v1/code/batch", request_body = Vec<CodeRequest>,
-    responses((status = 200, body = BatchResult), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+/// Codes several notes (at most `limits.max_batch_notes`). A note that is blank or over the
+/// length limit refuses the batch (422 naming it); a note the engine fails on is reported in
+/// its place and the rest are coded.
+#[utoipa::path(post, path = "/v1/code/batch", request_body = CodeBatch,
+    responses((status = 200, body = BatchResult),
+        (status = 400, body = ErrorBody, description = "not JSON"),
+        (status = 413, body = ErrorBody, description = "body over the size limit"),
+        (status = 415, body = ErrorBody, description = "not application/json"),
+        (status = 422, body = ErrorBody, description = "a field missing or wrong, or too many notes"),
+        (status = 503, body = ErrorBody, description = "loading, or the queue is full (Retry-After)"),
+        (status = 504, body = ErrorBody, description = "over the request timeout")))]
 pub async fn code_batch(
     State(state): State<Arc<AppState>>,
-    ApiJson(requests): ApiJson<Vec<CodeRequest>>,
+    ApiJson(CodeBatch(requests)): ApiJson<CodeBatch>,
 ) -> Result<Json<BatchResult>, ApiError> {
+    let deadline = deadline(&state);
     let limit = state.config.limits.max_batch_notes;
     if requests.is_empty() || requests.len() > limit {
         return Err(ApiError::unprocessable(format!(
@@ -172,46 +204,31 @@ pub async fn code_batch(
     let queue = state
         .queue()
         .ok_or_else(|| ApiError::not_ready("the engine"))?;
-    let mut results: Vec<BatchItem> = Vec::with_capacity(requests.len());
-    let mut to_code = Vec::new();
-    let mut options = Vec::new();
+    // Input problems refuse the whole batch, naming the note; engine failures are reported in
+    // the note's place and the others are coded.
+    let mut notes = Vec::with_capacity(requests.len());
+    let mut options = Vec::with_capacity(requests.len());
     for (i, request) in requests.into_iter().enumerate() {
         let id = request.id.unwrap_or_else(|| format!("note-{}", i + 1));
-        match check_note(&state, &id, &request.text) {
-            Ok(()) => {
-                to_code.push((results.len(), id.clone(), request.text));
-                options.push(request.options);
-            }
-            Err(error) => {
-                results.push(BatchItem {
-                    id,
-                    prediction: None,
-                    error: Some(error.message),
-                });
-                continue;
-            }
-        }
+        check_note(&state, &id, &request.text)
+            .map_err(|e| ApiError::unprocessable(format!("[{i}]: {}", e.message)))?;
+        notes.push((id, request.text));
+        options.push(request.options);
+    }
+    let ids: Vec<String> = notes.iter().map(|(id, _)| id.clone()).collect();
+    let answers = queue.submit_all(notes).map_err(submit_error)?;
+    let mut results = Vec::with_capacity(ids.len());
+    for ((id, answer), options) in ids.into_iter().zip(answers).zip(options) {
+        let (prediction, error) = match await_prediction(&state, deadline, answer).await {
+            Ok(prediction) => (Some(trim(prediction, &options)), None),
+            Err(error) if error.status == StatusCode::GATEWAY_TIMEOUT => return Err(error),
+            Err(error) => (None, Some(error.message)),
+        };
         results.push(BatchItem {
             id,
-            prediction: None,
-            error: None,
+            prediction,
+            error,
         });
-    }
-    let slots: Vec<usize> = to_code.iter().map(|(slot, _, _)| *slot).collect();
-    let answers = queue
-        .submit_all(
-            to_code
-                .into_iter()
-                .map(|(_, id, text)| (id, text))
-                .collect(),
-        )
-        .map_err(submit_error)?;
-    for ((slot, answer), options) in slots.into_iter().zip(answers).zip(options) {
-        match await_prediction(&state, answer).await {
-            Ok(prediction) => results[slot].prediction = Some(trim(prediction, &options)),
-            Err(error) if error.status == StatusCode::GATEWAY_TIMEOUT => return Err(error),
-            Err(error) => results[slot].error = Some(error.message),
-        }
     }
     Ok(Json(BatchResult { results }))
 }
@@ -282,12 +299,17 @@ fn submit_error(error: SubmitError) -> ApiError {
     }
 }
 
+/// When a request that starts now must be answered.
+fn deadline(state: &AppState) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs_f64(state.config.limits.request_timeout_s)
+}
+
 async fn await_prediction(
     state: &AppState,
+    deadline: tokio::time::Instant,
     answer: oneshot::Receiver<Result<NotePrediction, CodingError>>,
 ) -> Result<NotePrediction, ApiError> {
-    let timeout = Duration::from_secs_f64(state.config.limits.request_timeout_s);
-    match tokio::time::timeout(timeout, answer).await {
+    match tokio::time::timeout_at(deadline, answer).await {
         Err(_) => Err(ApiError::timeout(state.config.limits.request_timeout_s)),
         Ok(Err(_)) => Err(ApiError::not_ready("the engine (shutting down)")),
         Ok(Ok(Err(CodingError::Input { what, why }))) => {

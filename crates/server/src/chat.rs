@@ -51,17 +51,27 @@ pub struct ResponseFormat {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatCompletionMessage>,
+    #[serde(default, deserialize_with = "crate::whole_number::optional")]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub max_tokens: Option<usize>,
+    #[serde(default, deserialize_with = "crate::whole_number::optional")]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub max_completion_tokens: Option<usize>,
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     pub stop: Option<StopField>,
+    #[serde(default, deserialize_with = "crate::whole_number::optional")]
     pub seed: Option<u64>,
     #[serde(default)]
     pub stream: bool,
     pub response_format: Option<ResponseFormat>,
     /// Choices per request: only 1.
+    #[serde(default, deserialize_with = "crate::whole_number::optional")]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<usize>,
 }
 
@@ -357,8 +367,13 @@ fn finish_reason(reason: FinishReason) -> &'static str {
 /// OpenAI's chat completions.
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest,
     responses((status = 200, body = ChatCompletion, description = "the completion; with `stream: true`, server-sent `chat.completion.chunk` events ending in `[DONE]`"),
-        (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody)))]
+        (status = 400, body = crate::error::ErrorBody, description = "not JSON, or a response_format other than text"),
+        (status = 404, body = crate::error::ErrorBody, description = "no generation model, or another model asked for"),
+        (status = 413, body = crate::error::ErrorBody, description = "body over the size limit"),
+        (status = 415, body = crate::error::ErrorBody, description = "not application/json"),
+        (status = 422, body = crate::error::ErrorBody, description = "a field missing or out of range"),
+        (status = 503, body = crate::error::ErrorBody, description = "loading, or the queue is full (Retry-After)"),
+        (status = 504, body = crate::error::ErrorBody, description = "over the request timeout")))]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     ApiJson(request): ApiJson<ChatCompletionRequest>,

@@ -9,6 +9,7 @@ pub mod config;
 mod error;
 mod metrics;
 mod middleware;
+mod whole_number;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -51,8 +51,8 @@ fn read_stream(body: &str) -> (String, String) {
     (text, finish)
 }
 
-#[test]
-fn chat_completions_plain_streamed_seeded_batched_and_refused() {
+/// A server with the tiny chat model as `tiny`, and the corpus it lives in.
+fn tiny_chat_server() -> (support::Corpus, TestServer) {
     let corpus = corpus();
     let model_dir = corpus.dir.path().join("tiny");
     let texts: Vec<String> = WORDS.split(' ').map(str::to_string).collect();
@@ -69,6 +69,12 @@ fn chat_completions_plain_streamed_seeded_batched_and_refused() {
         max_tokens_limit: 64,
     });
     let server = TestServer::start(config, corpus.home.root(), true);
+    (corpus, server)
+}
+
+#[test]
+fn chat_completions_plain_streamed_seeded_batched_and_refused() {
+    let (_corpus, server) = tiny_chat_server();
     let url = server.url("/v1/chat/completions");
 
     let (status, models) = get(&server.url("/v1/models"), None);
@@ -177,4 +183,49 @@ fn chat_completions_plain_streamed_seeded_batched_and_refused() {
     assert!(a.error_message().contains("messages"), "{}", a.body);
     let a = post(&url, &chat("tiny", "hi", json!({"temperature": 3})));
     assert_eq!(a.status, 422);
+}
+
+/// The official `openai` Python client streams a completion and lists the models. Runs when
+/// Python with `openai` is installed (`pip install openai`), skips saying so otherwise.
+#[test]
+fn the_official_openai_python_client_streams_a_completion() {
+    let installed = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!(
+            "skipping: python3 with the openai package is not installed (pip install openai)"
+        );
+        return;
+    }
+    let (_corpus, server) = tiny_chat_server();
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="unused")
+assert [m.id for m in client.models.list().data] == ["tiny"]
+pieces, finish = [], None
+for chunk in client.chat.completions.create(model="tiny", stream=True, temperature=0, max_tokens=8,
+        messages=[{"role": "user", "content": "the patient has fever"}]):
+    delta = chunk.choices[0].delta.content
+    if delta:
+        pieces.append(delta)
+    finish = chunk.choices[0].finish_reason or finish
+plain = client.chat.completions.create(model="tiny", temperature=0, max_tokens=8,
+        messages=[{"role": "user", "content": "the patient has fever"}])
+assert "".join(pieces) == plain.choices[0].message.content, (pieces, plain)
+assert finish in ("stop", "length"), finish
+print("streamed", len(pieces), "pieces;", finish)
+"#;
+    let output = std::process::Command::new("python3")
+        .args(["-c", script, &server.url("/v1")])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("streamed"));
 }
