@@ -8,6 +8,8 @@ pub mod eval;
 pub mod guidelines;
 pub mod lexical;
 pub mod llm;
+pub mod model_answer;
+pub mod openai;
 pub mod prediction;
 mod rerank;
 pub mod retrieval;
@@ -26,4 +28,7 @@ pub enum CodingError {
     Store(#[from] medcoder_store::StoreError),
     #[error("{0}")]
     Invalid(String),
+    /// A remote model endpoint that could not be reached or gave no usable answer.
+    #[error("{url}: {why}")]
+    Endpoint { url: String, why: String },
 }

@@ -62,7 +62,8 @@ struct BatchNote {
 }
 
 pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
-    let coder = Coder::build(&args.engine.config(), load_code_sets(home), home)?;
+    let config = args.engine.config();
+    let coder = Coder::build(&config, load_code_sets(home), home)?;
     if let Some(input) = &args.input {
         let (id, text) = read_note(input)?;
         let prediction = coder.code(&id, &text)?;
@@ -77,13 +78,18 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     }
     let notes: Vec<BatchNote> = match (&args.batch, &args.split) {
         (Some(file), _) => read_batch(file)?,
-        (None, Some(split)) => split_notes(&args.engine.db, &args.engine.dataset, split)?
-            .into_iter()
-            .map(|n| BatchNote {
-                id: n.id,
-                text: n.text,
-            })
-            .collect(),
+        (None, Some(split)) => {
+            let (db, dataset) = config
+                .dataset_source()
+                .context("--split codes the notes of a prepared dataset")?;
+            split_notes(db, dataset, split)?
+                .into_iter()
+                .map(|n| BatchNote {
+                    id: n.id,
+                    text: n.text,
+                })
+                .collect()
+        }
         (None, None) => bail!("give a note file (or `-`), --batch FILE or --split NAME"),
     };
     let Some(out) = &args.out else {
