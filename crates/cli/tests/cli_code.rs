@@ -6,6 +6,8 @@
 
 #[path = "../../coding/tests/support/openai_stub.rs"]
 mod openai_stub;
+#[path = "../../coding/tests/support/pdf_fixture.rs"]
+mod pdf_fixture;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -444,4 +446,53 @@ fn openai_engine_codes_notes_through_an_openai_compatible_endpoint() {
     );
     assert_ne!(run.code, Some(0));
     assert!(run.stderr.contains("--openai-base-url"), "{}", run.stderr);
+}
+
+#[test]
+fn a_pdf_note_is_coded_from_its_text_layer_and_one_without_text_is_refused() {
+    use pdf_fixture::{pdf, Protection};
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let (db, _) = prepared_corpus(tmp.path(), &home);
+    let code_file = |path: &Path| {
+        let args = ["code", path.to_str().unwrap(), "--db", db.to_str().unwrap()];
+        medcoder(
+            &home,
+            &[&args[..], &["--dataset", "codiesp", "--format", "json"]].concat(),
+            None,
+        )
+    };
+    let note = tmp.path().join("discharge-17.pdf");
+    let content = "BT /F1 12 Tf 72 720 Td (Type 2 diabetes mellitus with poor glycemic) Tj \
+                   0 -14 Td (control and polyuria.) Tj ET";
+    std::fs::write(&note, pdf(&[content], Protection::None)).unwrap();
+    let run = code_file(&note);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(p["id"], "discharge-17");
+    assert_eq!(p["diagnoses"][0]["code"], "E11.9");
+    for (name, protection, page, why) in [
+        (
+            "scan.pdf",
+            Protection::None,
+            "0 0 612 792 re f",
+            "no text layer",
+        ),
+        (
+            "locked.pdf",
+            Protection::Password,
+            "BT /F1 12 Tf 72 720 Td (Diabetes) Tj ET",
+            "encrypted",
+        ),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, pdf(&[page], protection)).unwrap();
+        let run = code_file(&path);
+        assert_ne!(run.code, Some(0), "{name}");
+        assert!(
+            run.stderr.contains(name) && run.stderr.contains(why),
+            "{name}: {}",
+            run.stderr
+        );
+    }
 }

@@ -10,6 +10,7 @@ pub mod lexical;
 pub mod llm;
 pub mod model_answer;
 pub mod openai;
+pub mod pdf;
 pub mod prediction;
 mod rerank;
 pub mod retrieval;

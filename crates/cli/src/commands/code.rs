@@ -29,7 +29,7 @@ enum OutputFormat {
 
 #[derive(Debug, clap::Args)]
 pub struct CodeArgs {
-    /// A note: a UTF-8 text file, or `-` for standard input.
+    /// A note: a UTF-8 text file or a PDF with a text layer, or `-` for standard input.
     input: Option<PathBuf>,
     /// A JSONL file of notes to code, one `{"id": …, "text": …}` per line.
     #[arg(long, conflicts_with = "input")]
@@ -160,7 +160,8 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A note from a file or stdin: (id, text). Binary, non-UTF-8, PDF and empty input are refused.
+/// A note from a file or stdin: (id, text). A PDF gives its text layer; binary, non-UTF-8 and
+/// empty input, and PDFs without text, are refused naming the file.
 fn read_note(input: &Path) -> anyhow::Result<(String, String)> {
     let (id, bytes) = if input == Path::new("-") {
         let mut bytes = Vec::new();
@@ -175,10 +176,9 @@ fn read_note(input: &Path) -> anyhow::Result<(String, String)> {
         (id, fs_err::read(input)?)
     };
     if bytes.starts_with(b"%PDF") {
-        bail!(
-            "{}: a PDF; this build reads UTF-8 text notes only (extract the text first)",
-            input.display()
-        );
+        let text = medcoder_coding::pdf::pdf_text(&bytes)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", input.display()))?;
+        return Ok((id, text));
     }
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
