@@ -279,6 +279,18 @@ fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
     let p: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(p["diagnoses"][0]["code"], "E11.9");
     assert!(!run.stderr.contains("Secret-Name"));
+    // The same as a FHIR R4 Bundle of Conditions.
+    let run = code_note(&home, &db, &["--format", "fhir"], secret);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let bundle: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let condition = &bundle["entry"][0]["resource"];
+    assert_eq!(condition["resourceType"], "Condition");
+    assert_eq!(
+        condition["code"]["coding"][0]["system"],
+        "http://hl7.org/fhir/sid/icd-10-cm"
+    );
+    assert_eq!(condition["code"]["coding"][0]["code"], "E11.9");
 
     // Bad input: named, non-zero exit.
     for (input, why) in [("", "empty"), ("%PDF-1.7 binary", "PDF")] {

@@ -5,6 +5,7 @@ pub mod assertion;
 pub mod constrained;
 pub mod engine;
 pub mod eval;
+pub mod fhir;
 pub mod guidelines;
 pub mod lexical;
 pub mod llm;

@@ -25,6 +25,9 @@ enum OutputFormat {
     Table,
     /// One JSON object per note.
     Json,
+    /// A FHIR R4 Bundle of Conditions (ICD-10-CM) and Procedures (ICD-10-PCS): the assigned
+    /// codes of a single note.
+    Fhir,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,12 +72,18 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         let prediction = coder.code(&id, &text)?;
         match args.format {
             OutputFormat::Json => super::print_json(&prediction)?,
+            OutputFormat::Fhir => {
+                super::print_json(&medcoder_coding::fhir::to_fhir_bundle(&prediction))?
+            }
             OutputFormat::Table => print_table(&prediction, args.top)?,
         }
         if let Some(dir) = &args.codiesp_out {
             write_codiesp(dir, std::slice::from_ref(&prediction))?;
         }
         return Ok(ExitCode::SUCCESS);
+    }
+    if matches!(args.format, OutputFormat::Fhir) {
+        bail!("--format fhir is for a single note: batch predictions go to --out as JSONL");
     }
     let notes: Vec<BatchNote> = match (&args.batch, &args.split) {
         (Some(file), _) => read_batch(file)?,
