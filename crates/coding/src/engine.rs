@@ -107,7 +107,7 @@ pub struct EngineConfig {
     /// llm, openai: the prompt template of `prepare tokens` (YAML); its default otherwise.
     pub prompt_template: Option<PathBuf>,
     pub allowed: AllowedCodes,
-    /// llm: prompt tokens at most.
+    /// llm: prompt tokens at most; a longer note is coded in chunks cut at sentence ends.
     pub max_prompt_tokens: usize,
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,

@@ -37,7 +37,7 @@ pub struct EngineArgs {
     /// subcategories too) or its reportable codes only (`us-billable`).
     #[arg(long, default_value = "dataset")]
     pub allowed: AllowedCodes,
-    /// llm: prompt tokens at most.
+    /// llm: prompt tokens at most; a longer note is coded in chunks cut at sentence ends.
     #[arg(long, default_value_t = 2048)]
     pub max_prompt_tokens: usize,
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
