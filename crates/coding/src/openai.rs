@@ -300,14 +300,11 @@ impl OpenaiEngine {
         let mut retries = 0;
         loop {
             let structured = self.structured.load(Ordering::Relaxed);
-            match self.post(&self.request_body(&messages, structured)) {
+            match self.post(&self.request_body(&messages, structured), structured) {
                 Outcome::Content(content) => return Ok(content),
-                Outcome::RejectsSchema if structured => {
+                Outcome::RejectsSchema => {
                     tracing::warn!(url = %display_url(&self.url), "the endpoint takes no response_format: asking for plain text");
                     self.structured.store(false, Ordering::Relaxed);
-                }
-                Outcome::RejectsSchema => {
-                    return Err(self.error("HTTP 400 naming response_format, which was not sent"))
                 }
                 Outcome::Retry { why, wait } => {
                     if retries >= self.config.retries {
@@ -342,7 +339,8 @@ impl OpenaiEngine {
         body
     }
 
-    fn post(&self, body: &Value) -> Outcome {
+    /// One request; `structured`: it carries `response_format`.
+    fn post(&self, body: &Value, structured: bool) -> Outcome {
         let mut request = self
             .agent
             .post(&self.url)
@@ -386,7 +384,9 @@ impl OpenaiEngine {
                 why: format!("HTTP {status}: {}", server_message(&text)),
                 wait: retry_after,
             },
-            400 if text.contains("response_format") || text.contains("json_schema") => {
+            400 if structured
+                && (text.contains("response_format") || text.contains("json_schema")) =>
+            {
                 Outcome::RejectsSchema
             }
             _ => {
