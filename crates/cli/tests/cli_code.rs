@@ -4,6 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../coding/tests/support/openai_stub.rs"]
+mod openai_stub;
+#[path = "../../coding/tests/support/pdf_fixture.rs"]
+mod pdf_fixture;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -275,6 +279,18 @@ fn retrieval_codes_a_split_resumes_and_eval_scores_it() {
     let p: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(p["diagnoses"][0]["code"], "E11.9");
     assert!(!run.stderr.contains("Secret-Name"));
+    // The same as a FHIR R4 Bundle of Conditions.
+    let run = code_note(&home, &db, &["--format", "fhir"], secret);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let bundle: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let condition = &bundle["entry"][0]["resource"];
+    assert_eq!(condition["resourceType"], "Condition");
+    assert_eq!(
+        condition["code"]["coding"][0]["system"],
+        "http://hl7.org/fhir/sid/icd-10-cm"
+    );
+    assert_eq!(condition["code"]["coding"][0]["code"], "E11.9");
 
     // Bad input: named, non-zero exit.
     for (input, why) in [("", "empty"), ("%PDF-1.7 binary", "PDF")] {
@@ -476,4 +492,192 @@ fn with_the_code_sets_eval_counts_codes_the_us_release_has_only_as_headers() {
     assert_eq!(d["ranked"]["malformed"], 0, "{d}");
     let md = std::fs::read_to_string(tmp.path().join("report").join("report.md")).unwrap();
     assert!(md.contains("| R51 | "), "{md}");
+#[test]
+fn openai_engine_codes_notes_through_an_openai_compatible_endpoint() {
+    use openai_stub::{chat_completion, Reply, StubServer};
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let (db, _) = prepared_corpus(tmp.path(), &home);
+    // Lower case, an invalid code and a quote from the note; a note asking for garbage gets it.
+    let answer = r#"{"diagnoses":[{"code":"e11.9","evidence":"type 2 diabetes"},{"code":"Z99.99","evidence":""}],"procedures":[{"code":"0sr9019","evidence":"hip replacement"}]}"#;
+    let stub = StubServer::start(move |_, body| {
+        if body.contains("GARBAGE") {
+            Reply::ok("<html>not an API</html>".into())
+        } else {
+            Reply::ok(chat_completion(answer))
+        }
+    });
+    let url = stub.base_url();
+    let openai = [
+        "--engine",
+        "openai",
+        "--openai-model",
+        "stub-model",
+        "--openai-api-key-env",
+        "MEDCODER_TEST_KEY",
+    ];
+    let note = "Secret-Name has type 2 diabetes. Hip replacement in 2019.";
+    let run = support::medcoder_with_env(
+        &home,
+        &[
+            &[
+                "code",
+                "-",
+                "--db",
+                db.to_str().unwrap(),
+                "--dataset",
+                "codiesp",
+            ][..],
+            &openai,
+            &["--openai-base-url", &url, "--format", "json", "-v"],
+        ]
+        .concat(),
+        Some(note),
+        &[("MEDCODER_TEST_KEY", "sk-test-secret")],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(p["engine"], "openai");
+    assert_eq!(p["diagnoses"][0]["code"], "E11.9");
+    assert_eq!(p["procedures"][0]["code"], "0SR9019");
+    let evidence = &p["diagnoses"][0]["evidence"][0];
+    let (start, end) = (
+        evidence["start"].as_u64().unwrap() as usize,
+        evidence["end"].as_u64().unwrap() as usize,
+    );
+    let quoted: String = note.chars().skip(start).take(end - start).collect();
+    assert_eq!(quoted, "type 2 diabetes");
+    let warnings = p["warnings"].to_string();
+    assert!(
+        warnings.contains("Z99.99") && warnings.contains("codiesp train"),
+        "{p}"
+    );
+    // The key goes to the endpoint only; the note never reaches the logs.
+    assert!(stub.heads()[0].contains("Bearer sk-test-secret"));
+    for output in [&run.stdout, &run.stderr] {
+        assert!(!output.contains("sk-test-secret") && !output.contains("Secret-Name"));
+    }
+
+    // A batch: the note the endpoint answers with garbage is skipped, the others are coded;
+    // the base URL from $OPENAI_BASE_URL.
+    let batch = tmp.path().join("batch.jsonl");
+    std::fs::write(
+        &batch,
+        "{\"id\": \"a\", \"text\": \"Type 2 diabetes.\"}\n{\"id\": \"b\", \"text\": \"GARBAGE please\"}\n{\"id\": \"c\", \"text\": \"Type 2 diabetes, hip replacement.\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("preds.jsonl");
+    let batch_args = [
+        "code",
+        "--batch",
+        batch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+        "--dataset",
+        "codiesp",
+    ];
+    let run = support::medcoder_with_env(
+        &home,
+        &[&batch_args[..], &openai].concat(),
+        None,
+        &[("OPENAI_BASE_URL", url.as_str())],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.contains("coded 2 notes"), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("note b:") && run.stderr.contains("not JSON"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+
+    // An endpoint that is down: a clear error naming it, non-zero exit.
+    let down = openai_stub::closed_port_url();
+    let run = code_note(
+        &home,
+        &db,
+        &[
+            &openai[..],
+            &["--openai-base-url", &down, "--openai-retries", "1"],
+        ]
+        .concat(),
+        note,
+    );
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains(&down) && run.stderr.contains("cannot connect"),
+        "{}",
+        run.stderr
+    );
+    // No base URL at all: says where to give one.
+    let run = support::medcoder_with_env(
+        &home,
+        &[
+            &[
+                "code",
+                "-",
+                "--db",
+                db.to_str().unwrap(),
+                "--dataset",
+                "codiesp",
+            ][..],
+            &openai,
+        ]
+        .concat(),
+        Some(note),
+        &[("OPENAI_BASE_URL", "")],
+    );
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("--openai-base-url"), "{}", run.stderr);
+}
+
+#[test]
+fn a_pdf_note_is_coded_from_its_text_layer_and_one_without_text_is_refused() {
+    use pdf_fixture::{pdf, Protection};
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let (db, _) = prepared_corpus(tmp.path(), &home);
+    let code_file = |path: &Path| {
+        let args = ["code", path.to_str().unwrap(), "--db", db.to_str().unwrap()];
+        medcoder(
+            &home,
+            &[&args[..], &["--dataset", "codiesp", "--format", "json"]].concat(),
+            None,
+        )
+    };
+    let note = tmp.path().join("discharge-17.pdf");
+    let content = "BT /F1 12 Tf 72 720 Td (Type 2 diabetes mellitus with poor glycemic) Tj \
+                   0 -14 Td (control and polyuria.) Tj ET";
+    std::fs::write(&note, pdf(&[content], Protection::None)).unwrap();
+    let run = code_file(&note);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let p: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(p["id"], "discharge-17");
+    assert_eq!(p["diagnoses"][0]["code"], "E11.9");
+    for (name, protection, page, why) in [
+        (
+            "scan.pdf",
+            Protection::None,
+            "0 0 612 792 re f",
+            "no text layer",
+        ),
+        (
+            "locked.pdf",
+            Protection::Password,
+            "BT /F1 12 Tf 72 720 Td (Diabetes) Tj ET",
+            "encrypted",
+        ),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, pdf(&[page], protection)).unwrap();
+        let run = code_file(&path);
+        assert_ne!(run.code, Some(0), "{name}");
+        assert!(
+            run.stderr.contains(name) && run.stderr.contains(why),
+            "{name}: {}",
+            run.stderr
+        );
+    }
 }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::text::words;
+use crate::text::{sentences, words};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -97,6 +97,21 @@ pub fn assertion_of(sentence: &str, mention: usize) -> Assertion {
     }
 }
 
+/// The assertion of a mention starting at character `start` of `note`, read in its sentence.
+pub fn assertion_in_note(note: &str, start: usize) -> Assertion {
+    let Some(sentence) = sentences(note)
+        .into_iter()
+        .find(|s| s.start <= start && start < s.end)
+    else {
+        return Assertion::Present;
+    };
+    let mention = words(&sentence.text)
+        .iter()
+        .position(|w| sentence.start + w.start >= start)
+        .unwrap_or(0);
+    assertion_of(&sentence.text, mention)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +122,13 @@ mod tests {
             .position(|w| w.text.eq_ignore_ascii_case(word))
             .unwrap_or_default();
         assertion_of(sentence, i)
+    }
+
+    #[test]
+    fn a_mention_is_read_in_its_sentence_of_the_note() {
+        let note = "Type 2 diabetes. She denies chest pain.";
+        assert_eq!(assertion_in_note(note, 0), Assertion::Present);
+        assert_eq!(assertion_in_note(note, 28), Assertion::Negated);
     }
 
     #[test]

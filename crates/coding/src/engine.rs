@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::guidelines::guideline_warnings;
 use crate::lexical::Lexicon;
 use crate::llm::LlmEngine;
+use crate::model_answer::AllowedSet;
+use crate::openai::{OpenaiConfig, OpenaiEngine};
 use crate::retrieval::{LabelledNote, RetrievalIndex};
 use crate::{CodeKind, CodingError, NotePrediction};
 
@@ -29,6 +31,8 @@ pub enum EngineKind {
     Retrieval,
     /// A local model (+ LoRA adapter) under constrained decoding.
     Llm,
+    /// Any OpenAI-compatible chat endpoint; its answers checked against the allowed codes.
+    Openai,
 }
 
 impl EngineKind {
@@ -36,6 +40,7 @@ impl EngineKind {
         match self {
             Self::Retrieval => "retrieval",
             Self::Llm => "llm",
+            Self::Openai => "openai",
         }
     }
 }
@@ -47,14 +52,15 @@ impl FromStr for EngineKind {
         match s {
             "retrieval" => Ok(Self::Retrieval),
             "llm" => Ok(Self::Llm),
+            "openai" => Ok(Self::Openai),
             other => Err(CodingError::Invalid(format!(
-                "unknown engine `{other}`: this build has `retrieval` and `llm`"
+                "unknown engine `{other}`: this build has `retrieval`, `llm` and `openai`"
             ))),
         }
     }
 }
 
-/// The codes the llm engine may write.
+/// The codes the llm and openai engines may write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllowedCodes {
@@ -98,13 +104,15 @@ pub struct EngineConfig {
     pub model: Option<String>,
     /// llm: a LoRA adapter in PEFT's format (a `medcoder train` run folder).
     pub adapter: Option<PathBuf>,
-    /// llm: the prompt template of `prepare tokens` (YAML); its default otherwise.
+    /// llm, openai: the prompt template of `prepare tokens` (YAML); its default otherwise.
     pub prompt_template: Option<PathBuf>,
     pub allowed: AllowedCodes,
-    /// llm: prompt tokens at most.
+    /// llm: prompt tokens at most; a longer note is coded in chunks cut at sentence ends.
     pub max_prompt_tokens: usize,
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,
+    /// openai: the endpoint, model, API key variable, timeout and retries.
+    pub openai: OpenaiConfig,
 }
 
 impl Default for EngineConfig {
@@ -120,11 +128,17 @@ impl Default for EngineConfig {
             allowed: AllowedCodes::Dataset,
             max_prompt_tokens: 2048,
             device: "auto".into(),
+            openai: OpenaiConfig::default(),
         }
     }
 }
 
 impl EngineConfig {
+    /// Whether this engine reads a prepared dataset (to fit on, or for its allowed codes).
+    pub fn needs_dataset(&self) -> bool {
+        self.engine == EngineKind::Retrieval || self.allowed == AllowedCodes::Dataset
+    }
+
     /// The prepared database and dataset, or an error saying which is missing.
     pub fn dataset_source(&self) -> Result<(&Path, &str), CodingError> {
         match (&self.db, &self.dataset) {
@@ -140,6 +154,7 @@ impl EngineConfig {
 enum Engine {
     Retrieval(Box<RetrievalIndex>),
     Llm(Box<LlmEngine>),
+    Openai(Box<OpenaiEngine>),
 }
 
 /// An engine plus the code sets: a note in, a described, guideline-checked prediction out.
@@ -182,6 +197,17 @@ impl Coder {
                 let description = engine.name().to_string();
                 (Engine::Llm(Box::new(engine)), description)
             }
+            EngineKind::Openai => {
+                let (codes, source) = allowed_codes(config, kb.as_deref())?;
+                let engine = OpenaiEngine::new(
+                    &config.openai,
+                    prompt_template(config)?,
+                    AllowedSet::new(&codes, source),
+                    kb.clone(),
+                )?;
+                let description = engine.name().to_string();
+                (Engine::Openai(Box::new(engine)), description)
+            }
         };
         Ok(Self {
             engine,
@@ -206,6 +232,7 @@ impl Coder {
                 index.predict(id, text, &describe, lexicon)
             }
             Engine::Llm(engine) => engine.predict(id, text, &describe)?,
+            Engine::Openai(engine) => engine.predict(id, text, &describe)?,
         };
         if let Some(kb) = &self.kb {
             prediction
@@ -215,9 +242,10 @@ impl Coder {
         Ok(prediction)
     }
 
-    /// Whether notes may be coded in parallel (the llm engine uses every core for one).
+    /// Whether notes may be coded in parallel (the llm engine uses every core for one; the
+    /// openai engine waits on the network).
     pub fn parallel(&self) -> bool {
-        matches!(self.engine, Engine::Retrieval(_))
+        matches!(self.engine, Engine::Retrieval(_) | Engine::Openai(_))
     }
 
     pub fn code_sets(&self) -> Option<&IcdKnowledge> {
@@ -365,10 +393,26 @@ fn llm_engine(
         })?;
         name += &format!(" + adapter {}", dir.display());
     }
-    let template = match &config.prompt_template {
-        Some(file) => PromptTemplate::from_yaml_file(file).map_err(|e| invalid(&e))?,
-        None => PromptTemplate::default(),
-    };
+    let template = prompt_template(config)?;
+    let (allowed, source) = allowed_codes(config, kb)?;
+    name += &format!(", constrained to the {} codes of {source}", allowed.len());
+    LlmEngine::new(loaded, template, &allowed, config.max_prompt_tokens, name)
+}
+
+fn prompt_template(config: &EngineConfig) -> Result<PromptTemplate, CodingError> {
+    match &config.prompt_template {
+        Some(file) => {
+            PromptTemplate::from_yaml_file(file).map_err(|e| CodingError::Invalid(e.to_string()))
+        }
+        None => Ok(PromptTemplate::default()),
+    }
+}
+
+/// The codes an engine may write (sorted, unique) and where they come from.
+fn allowed_codes(
+    config: &EngineConfig,
+    kb: Option<&IcdKnowledge>,
+) -> Result<(Vec<(String, CodeKind)>, String), CodingError> {
     let (mut allowed, source) = match config.allowed {
         AllowedCodes::Dataset => {
             let (db, dataset) = config.dataset_source()?;
@@ -420,6 +464,5 @@ fn llm_engine(
     };
     allowed.sort();
     allowed.dedup();
-    name += &format!(", constrained to the {} codes of {source}", allowed.len());
-    LlmEngine::new(loaded, template, &allowed, config.max_prompt_tokens, name)
+    Ok((allowed, source))
 }

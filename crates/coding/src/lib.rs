@@ -6,9 +6,13 @@ pub mod codiesp_tsv;
 pub mod constrained;
 pub mod engine;
 pub mod eval;
+pub mod fhir;
 pub mod guidelines;
 pub mod lexical;
 pub mod llm;
+pub mod model_answer;
+pub mod openai;
+pub mod pdf;
 pub mod prediction;
 mod rerank;
 pub mod retrieval;
@@ -30,4 +34,7 @@ pub enum CodingError {
     /// Writing an output file (atomically) or a plot failed.
     #[error(transparent)]
     Output(#[from] medcoder_train::TrainError),
+    /// A remote model endpoint that could not be reached or gave no usable answer.
+    #[error("{url}: {why}")]
+    Endpoint { url: String, why: String },
 }

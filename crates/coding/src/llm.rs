@@ -2,6 +2,10 @@
 //! as in training, decoding greedily under [`ConstrainedCodes`], so that every code it writes
 //! is in the allowed set. Codes come in the order the model wrote them; the engine has no
 //! calibrated confidence, so each generated code is assigned with confidence 1.
+//!
+//! A note whose prompt would pass `max_prompt_tokens` is coded in chunks cut at sentence ends
+//! (paragraphs and lines end sentences too), each prompted alone; the answers are merged in
+//! chunk order, each code ranked where it first appeared. Nothing of the note is dropped.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +16,18 @@ use medcoder_train::{coding_prompt_text, PromptTemplate};
 
 use crate::constrained::{AnswerGrammar, CodeTrie, ConstrainedCodes};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, NotePrediction};
+use crate::text::{sentences, words};
 use crate::CodingError;
+
+/// The fewest note tokens a chunk's prompt must leave room for.
+const MIN_CHUNK_TOKENS: usize = 16;
+
+/// A piece of a note coded on its own: its text and where it starts in the note (characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteChunk {
+    pub start: usize,
+    pub text: String,
+}
 
 #[derive(Debug)]
 pub struct LlmEngine {
@@ -20,7 +35,7 @@ pub struct LlmEngine {
     template: PromptTemplate,
     grammar: AnswerGrammar,
     token_texts: Arc<Vec<Option<Vec<char>>>>,
-    /// Prompt tokens at most: longer prompts keep their head and tail (said in a warning).
+    /// Prompt tokens at most: longer notes are coded in chunks.
     max_prompt_tokens: usize,
     max_new_tokens: usize,
     /// What the model is, for the predictions' `model` field.
@@ -72,20 +87,144 @@ impl LlmEngine {
         describe: &CodeDescriber<'_>,
     ) -> Result<NotePrediction, CodingError> {
         let started = Instant::now();
+        let chunks = self.chunks(id, text)?;
+        if chunks.len() > 1 {
+            tracing::info!(
+                note = id,
+                chunks = chunks.len(),
+                max_prompt_tokens = self.max_prompt_tokens,
+                "note over the prompt limit: coded in chunks"
+            );
+        }
+        let mut prediction = NotePrediction {
+            id: id.to_string(),
+            diagnoses: Vec::new(),
+            procedures: Vec::new(),
+            warnings: Vec::new(),
+            engine: "llm".into(),
+            model: self.name.clone(),
+            elapsed_ms: 0.0,
+        };
+        for chunk in &chunks {
+            for (code, kind) in self.generate_codes(id, &chunk.text)? {
+                let list = match kind {
+                    CodeKind::Diagnosis => &mut prediction.diagnoses,
+                    CodeKind::Procedure => &mut prediction.procedures,
+                };
+                if list.iter().any(|c: &CodedItem| c.code == code) {
+                    continue;
+                }
+                let described = describe(&code, kind);
+                list.push(CodedItem {
+                    rank: list.len() + 1,
+                    confidence: 1.0,
+                    assigned: true,
+                    description: described.as_ref().map(|(d, _)| d.clone()),
+                    billable: described.map(|(_, b)| b),
+                    // The model writes codes only: no evidence to place in the note.
+                    evidence: Vec::new(),
+                    assertion: None,
+                    code,
+                });
+            }
+        }
+        prediction.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(prediction)
+    }
+
+    fn prompt_ids(&self, id: &str, note: &str) -> Result<Vec<u32>, CodingError> {
         let model_err = |e: &dyn std::fmt::Display| CodingError::Invalid(format!("note {id}: {e}"));
-        let prompt = coding_prompt_text(&self.model.tokenizer, &self.template, text)
+        let prompt = coding_prompt_text(&self.model.tokenizer, &self.template, note)
             .map_err(|e| model_err(&e))?;
-        let mut prompt_ids = self
-            .model
+        self.model
             .tokenizer
             .encode(&prompt)
-            .map_err(|e| model_err(&e))?;
+            .map_err(|e| model_err(&e))
+    }
+
+    /// The note cut where its prompts fit `max_prompt_tokens`: whole sentences while they fit,
+    /// a sentence longer than a chunk at word boundaries. One chunk when the note fits.
+    pub fn chunks(&self, id: &str, text: &str) -> Result<Vec<NoteChunk>, CodingError> {
+        if self.prompt_ids(id, text)?.len() <= self.max_prompt_tokens {
+            return Ok(vec![NoteChunk {
+                start: 0,
+                text: text.to_string(),
+            }]);
+        }
+        let overhead = self.prompt_ids(id, "")?.len();
+        // Two tokens of slack: a piece may tokenize a little differently inside the prompt.
+        let budget = self.max_prompt_tokens.saturating_sub(overhead + 2);
+        if budget < MIN_CHUNK_TOKENS {
+            return Err(CodingError::Invalid(format!(
+                "max_prompt_tokens {} leaves no room for a note: the prompt around it takes {overhead} tokens",
+                self.max_prompt_tokens
+            )));
+        }
+        let chars: Vec<char> = text.chars().collect();
+        let slice = |start: usize, end: usize| chars[start..end].iter().collect::<String>();
+        let cost = |start: usize, end: usize| -> Result<usize, CodingError> {
+            let ids = self.model.tokenizer.encode(&slice(start, end));
+            Ok(ids
+                .map_err(|e| CodingError::Invalid(format!("note {id}: {e}")))?
+                .len())
+        };
+        // The units chunks are made of, each with its token count.
+        let mut units: Vec<(usize, usize, usize)> = Vec::new();
+        for sentence in sentences(text) {
+            let tokens = cost(sentence.start, sentence.end)?;
+            if tokens <= budget {
+                units.push((sentence.start, sentence.end, tokens));
+                continue;
+            }
+            for (start, end) in word_pieces(&chars, sentence.start, sentence.end) {
+                let tokens = cost(start, end)?;
+                if tokens <= budget {
+                    units.push((start, end, tokens));
+                } else {
+                    // One "word" longer than a chunk (a pasted blob): cut by characters.
+                    let step = (budget / 4).max(1);
+                    for at in (start..end).step_by(step) {
+                        let to = (at + step).min(end);
+                        units.push((at, to, cost(at, to)?));
+                    }
+                }
+            }
+        }
+        let mut chunks = Vec::new();
+        let mut i = 0;
+        while i < units.len() {
+            let (start, _, first) = units[i];
+            let (mut last, mut estimate) = (i, first);
+            while last + 1 < units.len() && estimate + units[last + 1].2 < budget {
+                last += 1;
+                estimate += units[last].2 + 1;
+            }
+            // Joined pieces may tokenize longer than their sum: check the real prompt.
+            while last > i
+                && self.prompt_ids(id, &slice(start, units[last].1))?.len() > self.max_prompt_tokens
+            {
+                last -= 1;
+            }
+            chunks.push(NoteChunk {
+                start,
+                text: slice(start, units[last].1),
+            });
+            i = last + 1;
+        }
+        Ok(chunks)
+    }
+
+    /// The codes the model writes for one prompt's worth of note, in order.
+    fn generate_codes(&self, id: &str, note: &str) -> Result<Vec<(String, CodeKind)>, CodingError> {
+        let model_err = |e: &dyn std::fmt::Display| CodingError::Invalid(format!("note {id}: {e}"));
+        let mut prompt_ids = self.prompt_ids(id, note)?;
         if prompt_ids.len() > self.max_prompt_tokens {
+            // Only a single piece that tokenizes past its estimate gets here.
             tracing::warn!(
                 note = id,
                 prompt_tokens = prompt_ids.len(),
                 kept = self.max_prompt_tokens,
-                "prompt over the limit: its head and tail are kept"
+                "chunk prompt over the limit: its head and tail are kept"
             );
             let head = self.max_prompt_tokens / 2;
             let tail = self.max_prompt_tokens - head;
@@ -109,40 +248,162 @@ impl LlmEngine {
         let generation = medcoder_infer::generate(&self.model, request, vec![processor], |_| true)
             .map_err(|e| model_err(&e))?;
         // A generation cut by the token limit may end inside a code: keep the whole ones.
-        let codes = self
+        Ok(self
             .grammar
             .parse(&generation.text)
-            .unwrap_or_else(|| self.grammar.parse_prefix(&generation.text));
-        let mut prediction = NotePrediction {
-            id: id.to_string(),
-            diagnoses: Vec::new(),
-            procedures: Vec::new(),
-            warnings: Vec::new(),
-            engine: "llm".into(),
-            model: self.name.clone(),
-            elapsed_ms: 0.0,
-        };
-        for (code, kind) in codes {
-            let list = match kind {
-                CodeKind::Diagnosis => &mut prediction.diagnoses,
-                CodeKind::Procedure => &mut prediction.procedures,
-            };
-            if list.iter().any(|c: &CodedItem| c.code == code) {
-                continue;
-            }
-            let described = describe(&code, kind);
-            list.push(CodedItem {
-                rank: list.len() + 1,
-                confidence: 1.0,
-                assigned: true,
-                description: described.as_ref().map(|(d, _)| d.clone()),
-                billable: described.map(|(_, b)| b),
-                evidence: Vec::new(),
-                assertion: None,
-                code,
-            });
+            .unwrap_or_else(|| self.grammar.parse_prefix(&generation.text)))
+    }
+}
+
+/// `[start, end)` of `chars` cut before each word after the first: pieces that end at a word.
+fn word_pieces(chars: &[char], start: usize, end: usize) -> Vec<(usize, usize)> {
+    let text: String = chars[start..end].iter().collect();
+    let mut pieces = Vec::new();
+    let mut from = start;
+    for word in words(&text) {
+        let word_end = start + word.end;
+        if word_end > from {
+            pieces.push((from, word_end));
+            from = word_end;
         }
-        prediction.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-        Ok(prediction)
+    }
+    if from < end {
+        pieces.push((from, end));
+    }
+    pieces
+}
+
+#[cfg(test)]
+#[path = "../../train/tests/support/tiny_model.rs"]
+mod tiny_model;
+#[cfg(test)]
+#[path = "../../train/tests/support/tokenizer.rs"]
+mod tokenizer_fixture;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medcoder_assets::ResolvedModel;
+
+    const CODES: [(&str, CodeKind); 4] = [
+        ("E11.9", CodeKind::Diagnosis),
+        ("I10", CodeKind::Diagnosis),
+        ("J18.9", CodeKind::Diagnosis),
+        ("0SR9019", CodeKind::Procedure),
+    ];
+
+    /// A note of many sentences and paragraphs, far longer than the tiny prompt limit.
+    fn long_note() -> String {
+        let sentences = [
+            "The patient has type 2 diabetes mellitus with polyuria.",
+            "Blood pressure was high on every visit.",
+            "A chest radiograph showed consolidation of the right lower lobe.",
+            "She had a right hip replacement after a fall.",
+        ];
+        let mut note = String::new();
+        for paragraph in 0..4 {
+            for (i, sentence) in sentences.iter().enumerate() {
+                note += sentence;
+                note += if i % 2 == 0 { " " } else { "\n" };
+            }
+            note += if paragraph % 2 == 0 { "\n\n" } else { "" };
+        }
+        note
+    }
+
+    fn engine(dir: &std::path::Path, max_prompt_tokens: usize) -> LlmEngine {
+        let codes: Vec<String> = CODES.iter().map(|(c, _)| c.to_string()).collect();
+        let corpus = vec![
+            "Predict the medical codes for the following text: ".to_string(),
+            long_note(),
+            codes.join(", "),
+        ];
+        tokenizer_fixture::write_chatml_tokenizer(dir, &corpus);
+        let tokenizer = medcoder_models::ModelTokenizer::from_dir(dir).unwrap();
+        tiny_model::write_tiny_llama(dir, tokenizer.vocab_size(), 11);
+        let resolved = ResolvedModel {
+            dir: dir.to_path_buf(),
+            file: None,
+        };
+        let loaded =
+            medcoder_models::load_model(&resolved, &candle_core::Device::Cpu, None).unwrap();
+        let allowed: Vec<(String, CodeKind)> =
+            CODES.iter().map(|(c, k)| (c.to_string(), *k)).collect();
+        LlmEngine::new(
+            loaded,
+            PromptTemplate::default(),
+            &allowed,
+            max_prompt_tokens,
+            "tiny".into(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_long_note_is_coded_in_chunks_that_fit_and_cover_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path(), 64);
+        let note = long_note();
+        let chunks = engine.chunks("n", &note).unwrap();
+        assert!(chunks.len() >= 2, "{} chunk(s)", chunks.len());
+        let chars: Vec<char> = note.chars().collect();
+        let mut covered = 0;
+        for chunk in &chunks {
+            assert!(engine.prompt_ids("n", &chunk.text).unwrap().len() <= 64);
+            // Each chunk is the note's text where it says, cut at a sentence end.
+            let len = chunk.text.chars().count();
+            let at: String = chars[chunk.start..chunk.start + len].iter().collect();
+            assert_eq!(at, chunk.text);
+            assert!(chunk.text.ends_with('.'), "{:?}", chunk.text);
+            assert!(chunk.start >= covered, "chunks in order, not overlapping");
+            let gap: String = chars[covered..chunk.start].iter().collect();
+            assert!(
+                gap.trim().is_empty(),
+                "nothing of the note skipped: {gap:?}"
+            );
+            covered = chunk.start + len;
+        }
+        assert!(chars[covered..].iter().all(|c| c.is_whitespace()));
+        // Coded whole: the chunks' codes merged, each once, ranked in order of appearance.
+        let p = engine.predict("n", &note, &|_, _| None).unwrap();
+        for (i, item) in p.diagnoses.iter().enumerate() {
+            assert_eq!(item.rank, i + 1);
+            assert!(CODES.iter().any(|(c, _)| *c == item.code), "{}", item.code);
+        }
+        let mut expected: Vec<String> = Vec::new();
+        for chunk in &chunks {
+            for (code, _) in engine.generate_codes("n", &chunk.text).unwrap() {
+                if !expected.contains(&code) {
+                    expected.push(code);
+                }
+            }
+        }
+        let coded: Vec<String> = p
+            .diagnoses
+            .iter()
+            .chain(&p.procedures)
+            .map(|c| c.code.clone())
+            .collect();
+        let mut in_kind_order = expected.clone();
+        in_kind_order.sort_by_key(|c| CODES.iter().find(|(x, _)| x == c).map(|(_, k)| *k));
+        assert_eq!(coded, in_kind_order, "the chunks' codes: {expected:?}");
+        // A note that fits is one chunk; a limit that leaves no room for a note is refused.
+        assert_eq!(engine.chunks("n", "Type 2 diabetes.").unwrap().len(), 1);
+        let tight = super::LlmEngine {
+            max_prompt_tokens: 20,
+            ..engine
+        };
+        let error = tight.chunks("n", &note).unwrap_err().to_string();
+        assert!(error.contains("no room"), "{error}");
+    }
+
+    #[test]
+    fn a_sentence_longer_than_a_chunk_is_cut_between_words() {
+        let chars: Vec<char> = "one two, three".chars().collect();
+        assert_eq!(
+            word_pieces(&chars, 0, chars.len()),
+            [(0, 3), (3, 7), (7, 14)]
+        );
+        assert_eq!(word_pieces(&chars, 4, chars.len()), [(4, 7), (7, 14)]);
     }
 }

@@ -124,6 +124,52 @@ pub fn sentences(text: &str) -> Vec<Span> {
     out
 }
 
+/// Where a quote from the note (as a model repeats it: case and line breaks may differ)
+/// stands in it; `None` when it is not there. Runs of white space match any run of white
+/// space; surrounding quote marks and ellipses are ignored.
+pub fn find_quote(note: &str, quote: &str) -> Option<Span> {
+    let quote = quote
+        .trim()
+        .trim_matches(|c: char| "\"'“”‘’`…".contains(c) || c.is_whitespace())
+        .trim_end_matches("...")
+        .trim_start_matches("...")
+        .trim();
+    let (wanted, _) = folded(quote);
+    if wanted.is_empty() {
+        return None;
+    }
+    let (haystack, offsets) = folded(note);
+    let at = haystack
+        .windows(wanted.len())
+        .position(|window| window == wanted.as_slice())?;
+    let start = offsets[at];
+    let end = offsets[at + wanted.len() - 1] + 1;
+    Some(Span {
+        start,
+        end,
+        text: note.chars().skip(start).take(end - start).collect(),
+    })
+}
+
+/// `text` lower-cased one character for one, white space runs as one space; and the
+/// character offset in `text` of each character kept.
+fn folded(text: &str) -> (Vec<char>, Vec<usize>) {
+    let mut chars = Vec::new();
+    let mut offsets = Vec::new();
+    for (i, c) in text.chars().enumerate() {
+        if c.is_whitespace() {
+            if chars.last().is_some_and(|last| *last == ' ') {
+                continue;
+            }
+            chars.push(' ');
+        } else {
+            chars.push(c.to_lowercase().next().unwrap_or(c));
+        }
+        offsets.push(i);
+    }
+    (chars, offsets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +191,14 @@ mod tests {
                 "chest pain."
             ]
         );
+        let quoted = find_quote(note, "\"TYPE 2   diabetes.\nno fever...\"").unwrap();
+        assert_eq!(quoted.text, "type 2 diabetes.\nNo fever");
+        assert_eq!(
+            chars[quoted.start..quoted.end].iter().collect::<String>(),
+            quoted.text
+        );
+        assert!(find_quote(note, "type 1 diabetes").is_none());
+        assert!(find_quote(note, " \"\" ").is_none());
         let terms = Analyzer::default().terms("The patient had diabetes mellitus");
         assert_eq!(terms, ["diabet", "mellitus", "diabet_mellitus"]);
     }

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{Multipart, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -44,7 +45,8 @@ pub struct CodeOptions {
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct FormatQuery {
-    /// `json` (default).
+    /// `json` (default: the prediction as `medcoder code --format json` writes it) or `fhir`
+    /// (a FHIR R4 Bundle of Condition and Procedure resources for the assigned codes).
     pub format: Option<String>,
 }
 
@@ -340,14 +342,16 @@ fn trim(mut prediction: NotePrediction, options: &CodeOptions) -> NotePrediction
 #[derive(Debug, Clone, Copy)]
 enum OutputFormat {
     Json,
+    Fhir,
 }
 
 impl OutputFormat {
     fn parse(format: Option<&str>) -> Result<Self, ApiError> {
         match format.unwrap_or("json") {
             "json" => Ok(Self::Json),
+            "fhir" => Ok(Self::Fhir),
             other => Err(ApiError::unprocessable(format!(
-                "format: `{other}` is not one of json"
+                "format: `{other}` is not one of json, fhir"
             ))),
         }
     }
@@ -355,6 +359,82 @@ impl OutputFormat {
     fn render(self, prediction: NotePrediction) -> Response {
         match self {
             Self::Json => Json(prediction).into_response(),
+            Self::Fhir => (
+                [(header::CONTENT_TYPE, "application/fhir+json")],
+                Json(medcoder_coding::fhir::to_fhir_bundle(&prediction)),
+            )
+                .into_response(),
         }
     }
+}
+
+/// A PDF note (multipart form: the file in part `file`, an optional `id` part): its text
+/// layer is coded like `/v1/code`'s text. A PDF without text (a scan) or an encrypted one is
+/// refused with 422 saying so.
+#[utoipa::path(post, path = "/v1/code/pdf", params(FormatQuery),
+    request_body(content_type = "multipart/form-data", description = "part `file`: the PDF; part `id` (optional): the note's id"),
+    responses((status = 200, body = NotePrediction),
+        (status = 400, body = ErrorBody, description = "not a multipart form"),
+        (status = 413, body = ErrorBody, description = "body over the size limit"),
+        (status = 415, body = ErrorBody, description = "not multipart/form-data"),
+        (status = 422, body = ErrorBody, description = "no `file` part, not a PDF, no text layer, encrypted, or over the length limit"),
+        (status = 503, body = ErrorBody, description = "loading, or the queue is full (Retry-After)"),
+        (status = 504, body = ErrorBody, description = "over the request timeout")))]
+pub async fn code_pdf(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<FormatQuery>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let deadline = deadline(&state);
+    let format = OutputFormat::parse(query.format.as_deref())?;
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "expected multipart/form-data with the PDF in part `file`: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let (mut id, mut pdf) = (None, None);
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::new(e.status(), "invalid_multipart", e.body_text()))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::new(e.status(), "invalid_multipart", e.body_text()))?;
+        match name.as_str() {
+            "file" => pdf = Some(bytes),
+            "id" => id = Some(String::from_utf8_lossy(&bytes).into_owned()),
+            _ => {}
+        }
+    }
+    let Some(pdf) = pdf else {
+        return Err(ApiError::unprocessable(
+            "file: the form has no `file` part (the PDF)",
+        ));
+    };
+    let id = id.unwrap_or_else(|| "note".into());
+    let text = tokio::task::spawn_blocking(move || medcoder_coding::pdf::pdf_text(&pdf))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "pdf_failed",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| ApiError::unprocessable(format!("file: {e}")))?;
+    check_note(&state, &id, &text)?;
+    let queue = state
+        .queue()
+        .ok_or_else(|| ApiError::not_ready("the engine"))?;
+    let answer = queue.submit(id, text).map_err(submit_error)?;
+    let prediction = await_prediction(&state, deadline, answer).await?;
+    Ok(format.render(prediction))
 }

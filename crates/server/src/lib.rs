@@ -134,6 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/model", get(api::model_info))
         .route("/v1/code", post(api::code_note))
         .route("/v1/code/batch", post(api::code_batch))
+        .route("/v1/code/pdf", post(api::code_pdf))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(chat::list_models))
         .route("/metrics", get(api::metrics))

@@ -4,13 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../coding/tests/support/pdf_fixture.rs"]
+mod pdf_fixture;
 mod support;
 
 use std::time::Duration;
 
 use medcoder_server::hash_api_key;
 use serde_json::{json, Value};
-use support::{corpus, get, get_with, post, post_with, TestServer, THEMES};
+use support::{corpus, get, get_with, post, post_multipart, post_with, TestServer, THEMES};
 
 fn codes(prediction: &Value, kind: &str) -> Vec<String> {
     prediction[kind]
@@ -132,6 +134,43 @@ fn routes_answer_and_bad_requests_are_refused_naming_the_problem() {
     assert_eq!(a.status, 422);
     assert_eq!(get(&url("/v1/nothing"), None).0, 404);
 
+    // FHIR: a Bundle whose Conditions carry the ICD-10-CM codes.
+    let a = post(
+        &url("/v1/code?format=fhir"),
+        &json!({"id": "f1", "text": THEMES[1].0}),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a
+        .content_type
+        .as_deref()
+        .unwrap()
+        .starts_with("application/fhir+json"));
+    let bundle = a.json();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let coding = &bundle["entry"][0]["resource"]["code"]["coding"][0];
+    assert_eq!(coding["system"], "http://hl7.org/fhir/sid/icd-10-cm");
+    assert_eq!(coding["code"], THEMES[1].1);
+
+    // A PDF upload is coded from its text layer; a scan is refused saying why.
+    let page = "BT /F1 12 Tf 72 720 Td (Type 2 diabetes mellitus with poor glycemic) Tj 0 -14 Td (control and polyuria.) Tj ET";
+    let pdf = pdf_fixture::pdf(&[page], pdf_fixture::Protection::None);
+    let a = post_multipart(
+        &url("/v1/code/pdf"),
+        &[("id", None, b"d17"), ("file", Some("d17.pdf"), &pdf)],
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["id"], "d17");
+    assert_eq!(codes(&a.json(), "diagnoses")[0], THEMES[0].1);
+    let scan = pdf_fixture::pdf(&["0 0 612 792 re f"], pdf_fixture::Protection::None);
+    let a = post_multipart(&url("/v1/code/pdf"), &[("file", Some("scan.pdf"), &scan)]);
+    assert_eq!(a.status, 422);
+    assert!(a.error_message().contains("no text layer"), "{}", a.body);
+    let a = post_multipart(&url("/v1/code/pdf"), &[("id", None, b"x")]);
+    assert_eq!(a.status, 422);
+    assert!(a.error_message().contains("`file`"), "{}", a.body);
+    let a = post(&url("/v1/code/pdf"), &json!({"text": "x"}));
+    assert_eq!(a.status, 415, "{}", a.body);
+
     // A batch: results in order, ids given or numbered; a blank note refuses it, naming it.
     let a = post(
         &url("/v1/code/batch"),
@@ -196,10 +235,10 @@ fn routes_answer_and_bad_requests_are_refused_naming_the_problem() {
     let metrics = get_with(&url("/metrics"), &[]);
     assert!(metrics.content_type.unwrap().starts_with("text/plain"));
     for line in [
-        "medcoder_http_requests_total{route=\"/v1/code\",status=\"200\"} 5",
+        "medcoder_http_requests_total{route=\"/v1/code\",status=\"200\"} 6",
         "medcoder_http_requests_total{route=\"/v1/code\",status=\"413\"} 1",
         "medcoder_http_request_duration_seconds_count{route=\"/v1/code/batch\"} 3",
-        "medcoder_notes_coded_total 7",
+        "medcoder_notes_coded_total 9",
         "medcoder_model_load_seconds{what=\"coding\"}",
     ] {
         assert!(

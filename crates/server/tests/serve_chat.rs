@@ -229,3 +229,40 @@ print("streamed", len(pieces), "pieces;", finish)
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("streamed"));
 }
+
+/// The `openai` coding engine pointed at our own chat endpoint: a second server codes notes
+/// through the first one's `/v1/chat/completions`. The tiny model's answer is noise; what is
+/// checked is the round trip and that only allowed codes come out.
+#[test]
+fn the_openai_engine_codes_through_our_own_chat_endpoint() {
+    let (corpus, chat_server) = tiny_chat_server();
+    let mut config = corpus.config();
+    config.engine.engine = medcoder_coding::EngineKind::Openai;
+    config.engine.openai.base_url = Some(chat_server.url("/v1"));
+    config.engine.openai.model = Some("tiny".into());
+    config.engine.openai.max_tokens = Some(24);
+    config.engine.openai.retries = 0;
+    let coder = TestServer::start(config, corpus.home.root(), true);
+    let a = post(
+        &coder.url("/v1/code"),
+        &json!({"id": "o1", "text": "the patient has fever and cough"}),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let p = a.json();
+    assert_eq!(p["engine"], "openai");
+    assert_eq!(p["id"], "o1");
+    let allowed = ["E11.9", "J18.9", "S72.009A"];
+    for c in p["diagnoses"].as_array().unwrap() {
+        assert!(allowed.contains(&c["code"].as_str().unwrap()), "{p}");
+    }
+    let metrics = support::get_with(&chat_server.url("/metrics"), &[]).body;
+    // The JSON-schema request was refused (400), the plain-text retry answered (200).
+    assert!(
+        metrics.contains("route=\"/v1/chat/completions\",status=\"400\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("route=\"/v1/chat/completions\",status=\"200\"} 1"),
+        "{metrics}"
+    );
+}

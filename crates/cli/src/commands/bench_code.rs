@@ -48,9 +48,11 @@ struct CodeBenchReport {
 pub fn run(args: CodeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     let kb = load_code_sets(home);
     let started = Instant::now();
-    let engine = Coder::build(&args.engine.config(), kb, home)?;
+    let config = args.engine.config();
+    let engine = Coder::build(&config, kb, home)?;
     let index_load_s = started.elapsed().as_secs_f64();
-    let source = split_notes(&args.engine.db, &args.engine.dataset, &args.split)?;
+    let (db, dataset) = config.dataset_source()?;
+    let source = split_notes(db, dataset, &args.split)?;
     let notes: Vec<(String, String)> = (0..args.notes)
         .map(|i| {
             let note = &source[i % source.len()];

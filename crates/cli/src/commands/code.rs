@@ -25,11 +25,14 @@ enum OutputFormat {
     Table,
     /// One JSON object per note.
     Json,
+    /// A FHIR R4 Bundle of Conditions (ICD-10-CM) and Procedures (ICD-10-PCS): the assigned
+    /// codes of a single note.
+    Fhir,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CodeArgs {
-    /// A note: a UTF-8 text file, or `-` for standard input.
+    /// A note: a UTF-8 text file or a PDF with a text layer, or `-` for standard input.
     input: Option<PathBuf>,
     /// A JSONL file of notes to code, one `{"id": …, "text": …}` per line.
     #[arg(long, conflicts_with = "input")]
@@ -62,12 +65,16 @@ struct BatchNote {
 }
 
 pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
-    let coder = Coder::build(&args.engine.config(), load_code_sets(home), home)?;
+    let config = args.engine.config();
+    let coder = Coder::build(&config, load_code_sets(home), home)?;
     if let Some(input) = &args.input {
         let (id, text) = read_note(input)?;
         let prediction = coder.code(&id, &text)?;
         match args.format {
             OutputFormat::Json => super::print_json(&prediction)?,
+            OutputFormat::Fhir => {
+                super::print_json(&medcoder_coding::fhir::to_fhir_bundle(&prediction))?
+            }
             OutputFormat::Table => print_table(&prediction, args.top)?,
         }
         if let Some(dir) = &args.codiesp_out {
@@ -78,15 +85,23 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if matches!(args.format, OutputFormat::Fhir) {
+        bail!("--format fhir is for a single note: batch predictions go to --out as JSONL");
+    }
     let notes: Vec<BatchNote> = match (&args.batch, &args.split) {
         (Some(file), _) => read_batch(file)?,
-        (None, Some(split)) => split_notes(&args.engine.db, &args.engine.dataset, split)?
-            .into_iter()
-            .map(|n| BatchNote {
-                id: n.id,
-                text: n.text,
-            })
-            .collect(),
+        (None, Some(split)) => {
+            let (db, dataset) = config
+                .dataset_source()
+                .context("--split codes the notes of a prepared dataset")?;
+            split_notes(db, dataset, split)?
+                .into_iter()
+                .map(|n| BatchNote {
+                    id: n.id,
+                    text: n.text,
+                })
+                .collect()
+        }
         (None, None) => bail!("give a note file (or `-`), --batch FILE or --split NAME"),
     };
     let Some(out) = &args.out else {
@@ -157,7 +172,8 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A note from a file or stdin: (id, text). Binary, non-UTF-8, PDF and empty input are refused.
+/// A note from a file or stdin: (id, text). A PDF gives its text layer; binary, non-UTF-8 and
+/// empty input, and PDFs without text, are refused naming the file.
 fn read_note(input: &Path) -> anyhow::Result<(String, String)> {
     let (id, bytes) = if input == Path::new("-") {
         let mut bytes = Vec::new();
@@ -172,10 +188,9 @@ fn read_note(input: &Path) -> anyhow::Result<(String, String)> {
         (id, fs_err::read(input)?)
     };
     if bytes.starts_with(b"%PDF") {
-        bail!(
-            "{}: a PDF; this build reads UTF-8 text notes only (extract the text first)",
-            input.display()
-        );
+        let text = medcoder_coding::pdf::pdf_text(&bytes)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", input.display()))?;
+        return Ok((id, text));
     }
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(

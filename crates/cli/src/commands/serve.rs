@@ -71,7 +71,9 @@ pub fn run(args: ServeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
             .model = model;
     }
     config.validate().map_err(anyhow::Error::msg)?;
-    config.engine.dataset_source()?;
+    if config.engine.needs_dataset() {
+        config.engine.dataset_source()?;
+    }
     eprintln!(
         "medcoder serve, resolved config:\n{}",
         config.resolved_without_secrets()

@@ -36,9 +36,20 @@ pub fn icd_home() -> Option<MedcoderHome> {
 
 /// `medcoder ARGS` with `home` as its MEDCODER_HOME, fed `stdin` when given.
 pub fn medcoder(home: &Path, args: &[&str], stdin: Option<&str>) -> Run {
+    medcoder_with_env(home, args, stdin, &[])
+}
+
+/// [`medcoder`] with extra environment variables.
+pub fn medcoder_with_env(
+    home: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_medcoder"));
     command
         .args(args)
+        .envs(env.iter().copied())
         .env(MedcoderHome::ENV, home)
         .env_remove("RUST_LOG")
         .stdin(if stdin.is_some() {

@@ -266,3 +266,30 @@ pub fn get(url: &str, bearer: Option<&str>) -> (u16, String) {
     let a = get_with(url, &headers);
     (a.status, a.body)
 }
+
+/// POST a multipart form: `(name, filename, bytes)` parts.
+pub fn post_multipart(url: &str, parts: &[(&str, Option<&str>, &[u8])]) -> Answer {
+    let boundary = "medcoder-test-boundary-7d1f";
+    let mut body = Vec::new();
+    for (name, filename, bytes) in parts {
+        body.extend(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(file) => body.extend(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: application/pdf\r\n\r\n").as_bytes(),
+            ),
+            None => body.extend(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes()),
+        }
+        body.extend(*bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    answer(
+        agent()
+            .post(url)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .send(&body[..]),
+    )
+}
