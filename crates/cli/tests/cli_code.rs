@@ -492,6 +492,8 @@ fn with_the_code_sets_eval_counts_codes_the_us_release_has_only_as_headers() {
     assert_eq!(d["ranked"]["malformed"], 0, "{d}");
     let md = std::fs::read_to_string(tmp.path().join("report").join("report.md")).unwrap();
     assert!(md.contains("| R51 | "), "{md}");
+}
+
 #[test]
 fn openai_engine_codes_notes_through_an_openai_compatible_endpoint() {
     use openai_stub::{chat_completion, Reply, StubServer};
