@@ -219,6 +219,18 @@ impl Coder {
 
     /// Codes one note. Empty text is refused; the text itself never reaches a log.
     pub fn code(&self, id: &str, text: &str) -> Result<NotePrediction, CodingError> {
+        self.code_unless_cancelled(id, text, &|| false)
+    }
+
+    /// [`Self::code`] for a caller that may go away: the llm engine stops generating as soon
+    /// as `cancelled` says so ([`CodingError::Cancelled`]); the others are quick enough to
+    /// finish.
+    pub fn code_unless_cancelled(
+        &self,
+        id: &str,
+        text: &str,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<NotePrediction, CodingError> {
         if text.trim().is_empty() {
             return Err(CodingError::Input {
                 what: format!("note {id}"),
@@ -231,7 +243,9 @@ impl Coder {
                 let lexicon = self.kb.as_deref().map(|kb| kb as &dyn Lexicon);
                 index.predict(id, text, &describe, lexicon)
             }
-            Engine::Llm(engine) => engine.predict(id, text, &describe)?,
+            Engine::Llm(engine) => {
+                engine.predict_unless_cancelled(id, text, &describe, cancelled)?
+            }
             Engine::Openai(engine) => engine.predict(id, text, &describe)?,
         };
         if let Some(kb) = &self.kb {

@@ -37,4 +37,7 @@ pub enum CodingError {
     /// A remote model endpoint that could not be reached or gave no usable answer.
     #[error("{url}: {why}")]
     Endpoint { url: String, why: String },
+    /// Coding stopped because its caller went away (a server's client disconnected).
+    #[error("note {0}: cancelled")]
+    Cancelled(String),
 }

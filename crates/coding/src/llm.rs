@@ -86,6 +86,18 @@ impl LlmEngine {
         text: &str,
         describe: &CodeDescriber<'_>,
     ) -> Result<NotePrediction, CodingError> {
+        self.predict_unless_cancelled(id, text, describe, &|| false)
+    }
+
+    /// [`Self::predict`], stopping generation as soon as `cancelled` says so (checked after
+    /// every token): [`CodingError::Cancelled`] then.
+    pub fn predict_unless_cancelled(
+        &self,
+        id: &str,
+        text: &str,
+        describe: &CodeDescriber<'_>,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<NotePrediction, CodingError> {
         let started = Instant::now();
         let chunks = self.chunks(id, text)?;
         if chunks.len() > 1 {
@@ -106,7 +118,7 @@ impl LlmEngine {
             elapsed_ms: 0.0,
         };
         for chunk in &chunks {
-            for (code, kind) in self.generate_codes(id, &chunk.text)? {
+            for (code, kind) in self.generate_codes(id, &chunk.text, cancelled)? {
                 let list = match kind {
                     CodeKind::Diagnosis => &mut prediction.diagnoses,
                     CodeKind::Procedure => &mut prediction.procedures,
@@ -215,7 +227,15 @@ impl LlmEngine {
     }
 
     /// The codes the model writes for one prompt's worth of note, in order.
-    fn generate_codes(&self, id: &str, note: &str) -> Result<Vec<(String, CodeKind)>, CodingError> {
+    fn generate_codes(
+        &self,
+        id: &str,
+        note: &str,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Vec<(String, CodeKind)>, CodingError> {
+        if cancelled() {
+            return Err(CodingError::Cancelled(id.to_string()));
+        }
         let model_err = |e: &dyn std::fmt::Display| CodingError::Invalid(format!("note {id}: {e}"));
         let mut prompt_ids = self.prompt_ids(id, note)?;
         if prompt_ids.len() > self.max_prompt_tokens {
@@ -245,8 +265,12 @@ impl LlmEngine {
             sampling: SamplingParams::greedy(),
             stop,
         };
-        let generation = medcoder_infer::generate(&self.model, request, vec![processor], |_| true)
-            .map_err(|e| model_err(&e))?;
+        let generation =
+            medcoder_infer::generate(&self.model, request, vec![processor], |_| !cancelled())
+                .map_err(|e| model_err(&e))?;
+        if cancelled() {
+            return Err(CodingError::Cancelled(id.to_string()));
+        }
         // A generation cut by the token limit may end inside a code: keep the whole ones.
         Ok(self
             .grammar
@@ -340,6 +364,26 @@ mod tests {
     }
 
     #[test]
+    fn a_cancelled_note_stops_with_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path(), 64);
+        let no_description = |_: &str, _: CodeKind| None;
+        let checks = std::sync::atomic::AtomicUsize::new(0);
+        // Cancelled after the first token: generation stops there.
+        let cancelled = || checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1;
+        let result =
+            engine.predict_unless_cancelled("n", &long_note(), &no_description, &cancelled);
+        assert!(
+            matches!(result, Err(CodingError::Cancelled(ref id)) if id == "n"),
+            "{result:?}"
+        );
+        assert!(checks.load(std::sync::atomic::Ordering::Relaxed) <= 4);
+        engine
+            .predict("n", "Fever and cough.", &no_description)
+            .expect("not cancelled");
+    }
+
+    #[test]
     fn a_long_note_is_coded_in_chunks_that_fit_and_cover_it() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(dir.path(), 64);
@@ -372,7 +416,7 @@ mod tests {
         }
         let mut expected: Vec<String> = Vec::new();
         for chunk in &chunks {
-            for (code, _) in engine.generate_codes("n", &chunk.text).unwrap() {
+            for (code, _) in engine.generate_codes("n", &chunk.text, &|| false).unwrap() {
                 if !expected.contains(&code) {
                     expected.push(code);
                 }

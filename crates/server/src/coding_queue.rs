@@ -68,7 +68,9 @@ impl CodingQueue {
                         continue;
                     }
                     let started = Instant::now();
-                    let result = coder.code(&job.id, &job.text);
+                    // The llm engine stops generating when the client goes away.
+                    let result =
+                        coder.code_unless_cancelled(&job.id, &job.text, &|| job.reply.is_closed());
                     metrics.notes_coded.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         note = job.id,
