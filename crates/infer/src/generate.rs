@@ -162,6 +162,18 @@ pub fn generate_batch(
     model: &LoadedModel,
     requests: Vec<GenerateRequest>,
 ) -> Result<Vec<Generation>> {
+    let processors = requests.iter().map(|_| Vec::new()).collect();
+    generate_batch_with(model, requests, processors, || true)
+}
+
+/// [`generate_batch`] with each request's own logit processors (e.g. constrained decoding),
+/// stopping every sequence early when `keep_going` says no (checked after each step).
+pub fn generate_batch_with(
+    model: &LoadedModel,
+    requests: Vec<GenerateRequest>,
+    processors: Vec<Vec<Box<dyn LogitsProcessor>>>,
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<Vec<Generation>> {
     if requests.is_empty() {
         return Ok(Vec::new());
     }
@@ -184,7 +196,12 @@ pub fn generate_batch(
     let batch = requests.len();
     let mut sequences = requests
         .into_iter()
-        .map(|r| Sequence::new(r, Vec::new()))
+        .zip(
+            processors
+                .into_iter()
+                .chain(std::iter::repeat_with(Vec::new)),
+        )
+        .map(|(r, p)| Sequence::new(r, p))
         .collect::<Result<Vec<_>>>()?;
     let mut cache = model.lm.new_cache();
     let options = ForwardOptions {
@@ -213,6 +230,18 @@ pub fn generate_batch(
             next.push(id);
         }
         if finished.iter().all(|f| *f) {
+            break;
+        }
+        if !keep_going() {
+            for sequence in sequences.iter_mut() {
+                sequence.checker.cancel();
+            }
+            break;
+        }
+        if !keep_going() {
+            for sequence in sequences.iter_mut() {
+                sequence.checker.cancel();
+            }
             break;
         }
         if cache.len() + 1 >= max_positions {

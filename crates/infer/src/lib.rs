@@ -13,7 +13,9 @@ mod stop;
 
 pub use detokenize::{Decode, IncrementalDecoder};
 pub use error::{InferError, Result};
-pub use generate::{generate, generate_batch, stream_into, GenerateRequest, Generation};
+pub use generate::{
+    generate, generate_batch, generate_batch_with, stream_into, GenerateRequest, Generation,
+};
 pub use logprobs::{log_prob_of, log_softmax_top};
 pub use params::SamplingParams;
 pub use processors::{BanTokens, FallbackToEos, LogitsProcessor, LogitsProcessorList};

@@ -40,45 +40,31 @@ impl std::fmt::Debug for CodingJob {
 }
 
 impl CodingQueue {
-    /// Starts `workers` threads sharing `coder`, behind a queue of `capacity` notes.
+    /// Starts `workers` threads sharing `coder`, behind a queue of `capacity` notes. An engine
+    /// that codes best in batches (llm) takes every waiting note, up to `max_batch`, at once.
     pub fn start(
         coder: Arc<Coder>,
         workers: usize,
         capacity: usize,
+        max_batch: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         let (sender, receiver) = mpsc::channel::<CodingJob>(capacity);
         let receiver = Arc::new(Mutex::new(receiver));
+        let max_batch = if coder.batches() { max_batch.max(1) } else { 1 };
         for worker in 0..workers.max(1) {
             let receiver = receiver.clone();
             let coder = coder.clone();
             let metrics = metrics.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("coding-{worker}"))
-                .spawn(move || loop {
-                    // One worker waits on the queue at a time; the others wait for the lock.
-                    let job = match receiver.lock() {
-                        Ok(mut r) => r.blocking_recv(),
-                        Err(_) => None,
-                    };
-                    let Some(job) = job else { break };
-                    metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                    if job.reply.is_closed() {
-                        tracing::debug!(note = job.id, "client gone before coding: skipped");
-                        continue;
+                .spawn(move || {
+                    while let Some(jobs) = next_jobs(&receiver, max_batch) {
+                        metrics
+                            .queue_depth
+                            .fetch_sub(jobs.len() as i64, Ordering::Relaxed);
+                        code_jobs(&coder, jobs, max_batch, &metrics);
                     }
-                    let started = Instant::now();
-                    // The llm engine stops generating when the client goes away.
-                    let result =
-                        coder.code_unless_cancelled(&job.id, &job.text, &|| job.reply.is_closed());
-                    metrics.notes_coded.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        note = job.id,
-                        ms = started.elapsed().as_secs_f64() * 1e3,
-                        ok = result.is_ok(),
-                        "coded"
-                    );
-                    let _ = job.reply.send(result);
                 });
             if let Err(error) = spawned {
                 tracing::error!(%error, "could not start a coding worker");
@@ -128,5 +114,61 @@ impl CodingQueue {
             answers.push(answer);
         }
         Ok(answers)
+    }
+}
+
+/// The next job, and as many others as are already waiting, up to `max_batch`; `None` once the
+/// queue is closed. One worker waits on the queue at a time; the others wait for the lock.
+fn next_jobs(
+    receiver: &Mutex<mpsc::Receiver<CodingJob>>,
+    max_batch: usize,
+) -> Option<Vec<CodingJob>> {
+    let mut receiver = receiver.lock().ok()?;
+    let mut jobs = vec![receiver.blocking_recv()?];
+    while jobs.len() < max_batch {
+        match receiver.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
+/// Codes the jobs whose clients are still there and answers each.
+fn code_jobs(coder: &Coder, mut jobs: Vec<CodingJob>, max_batch: usize, metrics: &Metrics) {
+    jobs.retain(|job| {
+        let gone = job.reply.is_closed();
+        if gone {
+            tracing::debug!(note = job.id, "client gone before coding: skipped");
+        }
+        !gone
+    });
+    if jobs.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let results = if jobs.len() == 1 {
+        // The llm engine stops generating when the client goes away.
+        let job = &jobs[0];
+        vec![coder.code_unless_cancelled(&job.id, &job.text, &|| job.reply.is_closed())]
+    } else {
+        let notes: Vec<(&str, &str)> = jobs
+            .iter()
+            .map(|j| (j.id.as_str(), j.text.as_str()))
+            .collect();
+        coder.code_batch(&notes, max_batch, &|| {
+            jobs.iter().all(|j| j.reply.is_closed())
+        })
+    };
+    metrics
+        .notes_coded
+        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+    tracing::debug!(
+        notes = jobs.len(),
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "coded"
+    );
+    for (job, result) in jobs.into_iter().zip(results) {
+        let _ = job.reply.send(result);
     }
 }

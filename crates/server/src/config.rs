@@ -81,6 +81,8 @@ pub struct Limits {
     pub request_timeout_s: f64,
     /// Engine worker threads (coding); 0 = one per core for the retrieval engine, 1 for llm.
     pub workers: usize,
+    /// llm engine: notes waiting together are generated as one batch of up to this many.
+    pub llm_batch: usize,
 }
 
 impl Default for Limits {
@@ -92,6 +94,7 @@ impl Default for Limits {
             queue_capacity: 256,
             request_timeout_s: 60.0,
             workers: 0,
+            llm_batch: 8,
         }
     }
 }

@@ -230,6 +230,7 @@ fn load_engines(state: &AppState, home: &MedcoderHome) {
                 coder.clone(),
                 workers,
                 config.limits.queue_capacity,
+                config.limits.llm_batch,
                 state.metrics.clone(),
             );
             let _ = state.coding.set((coder, queue, seconds));

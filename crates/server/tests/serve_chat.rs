@@ -266,3 +266,57 @@ fn the_openai_engine_codes_through_our_own_chat_endpoint() {
         "{metrics}"
     );
 }
+
+/// The llm coding engine behind `/v1/code`: notes sent together are generated as one batch
+/// (up to `limits.llm_batch`) and each gets the codes it gets alone, all of them allowed.
+#[test]
+fn llm_engine_notes_arriving_together_are_coded_as_they_are_alone() {
+    let corpus = corpus();
+    let model_dir = corpus.dir.path().join("tiny");
+    let texts: Vec<String> = WORDS.split(' ').map(str::to_string).collect();
+    tokenizer_fixture::write_chatml_tokenizer(&model_dir, &texts);
+    let vocab = ModelTokenizer::from_dir(&model_dir).unwrap().vocab_size();
+    tiny_model::write_tiny_llama(&model_dir, vocab, 5);
+    let mut config = corpus.config();
+    config.engine.engine = medcoder_coding::EngineKind::Llm;
+    config.engine.model = Some(model_dir.display().to_string());
+    config.engine.device = "cpu".into();
+    config.limits.llm_batch = 4;
+    let server = TestServer::start(config, corpus.home.root(), true);
+    let url = server.url("/v1/code");
+    let notes = [
+        "fever and cough",
+        "diabetes",
+        "fracture of the femur",
+        "the patient has pneumonia",
+        "surgery",
+        "rest",
+    ];
+    let alone: Vec<Value> = notes
+        .iter()
+        .map(|n| {
+            let a = post(&url, &json!({"id": n, "text": n}));
+            assert_eq!(a.status, 200, "{}", a.body);
+            a.json()
+        })
+        .collect();
+    let threads: Vec<_> = notes
+        .iter()
+        .map(|n| {
+            let (url, body) = (url.clone(), json!({"id": n, "text": n}));
+            std::thread::spawn(move || post(&url, &body))
+        })
+        .collect();
+    let allowed = ["E11.9", "J18.9", "S72.009A"];
+    for (thread, one) in threads.into_iter().zip(&alone) {
+        let a = thread.join().unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        let p = a.json();
+        assert_eq!(p["engine"], "llm");
+        assert_eq!(p["id"], one["id"]);
+        assert_eq!(p["diagnoses"], one["diagnoses"], "{p}\n{one}");
+        for c in p["diagnoses"].as_array().unwrap() {
+            assert!(allowed.contains(&c["code"].as_str().unwrap()), "{p}");
+        }
+    }
+}
