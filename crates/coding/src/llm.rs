@@ -22,6 +22,9 @@ use crate::CodingError;
 /// The fewest note tokens a chunk's prompt must leave room for.
 const MIN_CHUNK_TOKENS: usize = 16;
 
+/// The codes generated for one chunk, in the order written.
+type ChunkCodes = Vec<(String, CodeKind)>;
+
 /// A piece of a note coded on its own: its text and where it starts in the note (characters).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoteChunk {
@@ -119,7 +122,7 @@ impl LlmEngine {
     ) -> Vec<Result<NotePrediction, CodingError>> {
         let started = Instant::now();
         // Every chunk's request, tagged with its note.
-        let mut results: Vec<Result<Vec<Vec<(String, CodeKind)>>, CodingError>> =
+        let mut results: Vec<Result<Vec<ChunkCodes>, CodingError>> =
             Vec::with_capacity(notes.len());
         let mut requests = Vec::new();
         for (n, (id, text)) in notes.iter().enumerate() {
@@ -176,7 +179,7 @@ impl LlmEngine {
     fn prediction(
         &self,
         id: &str,
-        per_chunk: Vec<Vec<(String, CodeKind)>>,
+        per_chunk: Vec<ChunkCodes>,
         describe: &CodeDescriber<'_>,
         started: Instant,
     ) -> NotePrediction {
