@@ -58,6 +58,9 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Fold a LoRA adapter into its base model and write a full HF-layout model (16-bit).
     Merge(commands::merge::MergeArgs),
+    /// Export a model (with a LoRA adapter folded in) as GGUF for llama.cpp and Ollama.
+    #[command(subcommand)]
+    Export(commands::export::ExportCommand),
     /// Code notes: ranked ICD-10-CM diagnoses and ICD-10-PCS procedures with evidence.
     Code(commands::code::CodeArgs),
     /// Score predictions against gold codes: micro/macro F1, MAP, top-k, by category and
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args, &home),
         Command::Train(args) => commands::train::run(args, &home),
         Command::Merge(args) => commands::merge::run(args, &home),
+        Command::Export(cmd) => commands::export::run(cmd, &home),
         Command::Code(args) => commands::code::run(args, &home),
         Command::Eval(args) => commands::eval::run(args, &home),
         Command::Serve(args) => commands::serve::run(args, &home),

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 mod error;
+pub mod export;
 pub mod merge;
 pub mod metrics;
 pub mod optim;

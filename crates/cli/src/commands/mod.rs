@@ -16,6 +16,7 @@ pub mod bench_train;
 pub mod code;
 pub mod code_engine;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod icd;
 pub mod merge;
