@@ -14,6 +14,7 @@ pub mod model_answer;
 pub mod openai;
 pub mod pdf;
 pub mod prediction;
+pub mod registry;
 mod rerank;
 pub mod retrieval;
 pub mod text;

@@ -1,0 +1,176 @@
+use super::*;
+
+fn run_dir(root: &Path, name: &str, weights: &[u8]) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), r#"{"r": 4}"#).unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), weights).unwrap();
+    std::fs::write(
+        dir.join("config.yaml"),
+        "model: tiny-llama\nlora:\n  r: 4\n",
+    )
+    .unwrap();
+    dir
+}
+
+fn register(registry: &ModelRegistry, name: &str, dir: &Path) -> (ModelEntry, bool) {
+    registry
+        .register(&RegisterRequest {
+            name: name.into(),
+            run_dir: dir.to_path_buf(),
+            ..RegisterRequest::default()
+        })
+        .unwrap()
+}
+
+#[test]
+fn register_records_hashes_config_and_is_idempotent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = ModelRegistry::at(tmp.path().join("registry"));
+    let dir = run_dir(tmp.path(), "run1", b"weights-1");
+    let (entry, created) = register(&registry, "coder", &dir);
+    assert!(created);
+    assert_eq!(entry.stage, Stage::Dev);
+    assert_eq!(entry.base_model.as_deref(), Some("tiny-llama"));
+    assert_eq!(entry.files.len(), 2);
+    assert!(is_version(&entry.version), "{}", entry.version);
+    assert_eq!(&entry.version[9..], &entry.content_sha256[..12]);
+    let (expected, _) = sha256_file(&dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(entry.adapter_sha256, expected);
+    assert_eq!(
+        entry.training_config.as_ref().unwrap()["lora"]["r"],
+        serde_json::json!(4)
+    );
+    assert!(entry.created_at.ends_with('Z'));
+
+    let (again, created) = register(&registry, "coder", &dir);
+    assert!(!created);
+    assert_eq!(again.version, entry.version);
+    assert_eq!(registry.list().unwrap().len(), 1);
+    assert!(!tmp.path().join("registry/registry.lock").exists());
+}
+
+#[test]
+fn register_refuses_a_folder_without_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = ModelRegistry::at(tmp.path().join("registry"));
+    let err = registry
+        .register(&RegisterRequest {
+            name: "coder".into(),
+            run_dir: tmp.path().to_path_buf(),
+            ..RegisterRequest::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("adapter_model.safetensors"), "{err}");
+}
+
+#[test]
+fn promote_demotes_the_previous_production_and_resolve_follows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = ModelRegistry::at(tmp.path().join("registry"));
+    let (v1, _) = register(&registry, "coder", &run_dir(tmp.path(), "a", b"one"));
+    let (v2, _) = register(&registry, "coder", &run_dir(tmp.path(), "b", b"two"));
+    register(&registry, "other", &run_dir(tmp.path(), "c", b"three"));
+    assert_ne!(v1.version, v2.version);
+
+    let (_, demoted) = registry.promote(&v1.id(), Stage::Production).unwrap();
+    assert_eq!(demoted, None);
+    assert_eq!(
+        registry.resolve("coder@production").unwrap().version,
+        v1.version
+    );
+    let (_, demoted) = registry.promote(&v2.id(), Stage::Production).unwrap();
+    assert_eq!(demoted, Some(v1.id()));
+    assert_eq!(
+        registry.resolve("coder@production").unwrap().version,
+        v2.version
+    );
+    assert_eq!(
+        registry.resolve("coder@staging").unwrap().version,
+        v1.version
+    );
+    assert_eq!(registry.resolve("coder").unwrap().version, v2.version);
+    assert_eq!(registry.resolve(&v1.id()).unwrap().version, v1.version);
+    let production = registry
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.stage == Stage::Production)
+        .count();
+    assert_eq!(production, 1);
+}
+
+#[test]
+fn remove_refuses_production_and_keeps_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = ModelRegistry::at(tmp.path().join("registry"));
+    let dir_a = run_dir(tmp.path(), "a", b"one");
+    let (v1, _) = register(&registry, "coder", &dir_a);
+    let (v2, _) = register(&registry, "coder", &run_dir(tmp.path(), "b", b"two"));
+    registry.promote(&v1.id(), Stage::Production).unwrap();
+    let err = registry.remove(&v1.id()).unwrap_err().to_string();
+    assert!(
+        err.contains(&v1.id()) && err.contains("production"),
+        "{err}"
+    );
+    registry.remove(&v2.id()).unwrap();
+    assert_eq!(registry.list().unwrap().len(), 1);
+    assert!(tmp.path().join("b/adapter_model.safetensors").exists());
+    let err = registry.remove("coder").unwrap_err().to_string();
+    assert!(err.contains("exact version"), "{err}");
+    assert!(dir_a.exists());
+}
+
+#[test]
+fn bad_names_versions_and_unknown_models_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = ModelRegistry::at(tmp.path().join("registry"));
+    let err = registry.resolve("bad name").unwrap_err().to_string();
+    assert!(err.contains("bad model name 'bad name'"), "{err}");
+    let err = registry.resolve("coder@v1").unwrap_err().to_string();
+    assert!(err.contains("bad version 'v1'"), "{err}");
+    let err = registry.resolve("coder").unwrap_err().to_string();
+    assert!(err.contains("no model named 'coder'"), "{err}");
+    register(&registry, "coder", &run_dir(tmp.path(), "a", b"one"));
+    let err = registry
+        .resolve("coder@production")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("coder has no production version"), "{err}");
+    let err = registry
+        .resolve("coder@20260101-0123456789ab")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("coder@20260101-0123456789ab is not registered"),
+        "{err}"
+    );
+    assert!("prod".parse::<Stage>().is_err());
+    assert!(parse_spec("../x").is_err());
+}
+
+#[test]
+fn eval_headline_reads_the_report_json_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("report.json");
+    let prf =
+        serde_json::json!({"precision": 0.5, "recall": 0.25, "f1": 0.3, "tp": 1, "fp": 1, "fn": 3});
+    let level = serde_json::json!({"micro": prf, "macro_f1": 0.2, "macro_precision": 0.2,
+        "macro_recall": 0.2, "map": 0.4, "map_predicted_only": 0.4, "at_k": []});
+    let json = serde_json::json!({
+        "provenance": {}, "notes_gold": 3, "notes_predicted": 3,
+        "kinds": [{"kind": "diagnosis", "notes": 3, "code": level, "category": level,
+                   "hierarchical": {"f1": 0.35}}]
+    });
+    std::fs::write(&report, json.to_string()).unwrap();
+    let headline = EvalHeadline::from_report(&report).unwrap();
+    assert_eq!(headline.notes_gold, 3);
+    let diagnosis = &headline.kinds["diagnosis"];
+    assert_eq!(diagnosis.micro_f1, 0.3);
+    assert_eq!(diagnosis.map, 0.4);
+    assert_eq!(diagnosis.hierarchical_f1, Some(0.35));
+    std::fs::write(&report, "{}").unwrap();
+    let err = EvalHeadline::from_report(&report).unwrap_err().to_string();
+    assert!(err.contains("notes_gold"), "{err}");
+}
