@@ -61,6 +61,9 @@ enum Command {
     /// Export a model (with a LoRA adapter folded in) as GGUF for llama.cpp and Ollama.
     #[command(subcommand)]
     Export(commands::export::ExportCommand),
+    /// The model registry: register fine-tuned runs, list, show, promote, remove.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCommand),
     /// Code notes: ranked ICD-10-CM diagnoses and ICD-10-PCS procedures with evidence.
     Code(commands::code::CodeArgs),
     /// Score predictions against gold codes: micro/macro F1, MAP, top-k, by category and
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args, &home),
         Command::Merge(args) => commands::merge::run(args, &home),
         Command::Export(cmd) => commands::export::run(cmd, &home),
+        Command::Models(cmd) => commands::models::run(cmd, &home),
         Command::Code(args) => commands::code::run(args, &home),
         Command::Eval(args) => commands::eval::run(args, &home),
         Command::Serve(args) => commands::serve::run(args, &home),

@@ -23,11 +23,14 @@ pub struct EngineArgs {
     /// Splits whose labelled notes the engine is fitted on (llm: whose codes it may write).
     #[arg(long, value_delimiter = ',', default_value = "train")]
     pub fit_splits: Vec<String>,
-    /// llm: the model (an asset id, HF folder or GGUF file).
+    /// llm: the model (an asset id, HF folder or GGUF file), or a registered model
+    /// (`name@production`, `name@VERSION`: its base model with its adapter).
     #[arg(long)]
     pub model: Option<String>,
-    /// llm: a LoRA adapter in PEFT's format (a `medcoder train` run folder).
-    #[arg(long, value_name = "DIR")]
+    /// llm: a LoRA adapter in PEFT's format (a `medcoder train` run folder), or a registered
+    /// model (`name@production`, `name@staging`, `name@VERSION`; `--model` defaults to its
+    /// base model).
+    #[arg(long, value_name = "DIR|NAME@VERSION")]
     pub adapter: Option<PathBuf>,
     /// llm, openai: the prompt template of `prepare tokens` (YAML); its default otherwise.
     #[arg(long, value_name = "FILE")]

@@ -20,6 +20,7 @@ pub mod export;
 pub mod generate;
 pub mod icd;
 pub mod merge;
+pub mod models;
 pub mod prepare;
 pub mod serve;
 pub mod train;
