@@ -189,7 +189,20 @@ fn lora_training_learns_checkpoints_and_writes_a_peft_adapter() {
     assert!(run_dir.join("loss.png").is_file());
     // A second run of the same config finds the run complete and changes nothing.
     let before = std::fs::read(run_dir.join("metrics.jsonl")).expect("metrics");
-    assert_ok(&fx.run(&["train", "--config", &config, "--json"]));
+    let again = fx.run(&[
+        "train",
+        "--config",
+        &config,
+        "--json",
+        "--register",
+        "coder",
+    ]);
+    assert_ok(&again);
+    assert!(
+        again.stderr.contains("registered coder@"),
+        "{}",
+        again.stderr
+    );
     assert_eq!(
         before,
         std::fs::read(run_dir.join("metrics.jsonl")).expect("metrics")
@@ -209,6 +222,33 @@ fn lora_training_learns_checkpoints_and_writes_a_peft_adapter() {
         "3",
     ]));
     assert_llm_engine_writes_only_allowed_codes(&fx, &model, &adapter_dir);
+    // The registered run codes as `--adapter coder@dev` (its base model from the registry),
+    // and the prediction names the version.
+    let db = fx.db();
+    let coded = medcoder(
+        &fx.dir.path().join("home"),
+        &[
+            "code",
+            "--engine",
+            "llm",
+            "--adapter",
+            "coder@dev",
+            "--db",
+            &db,
+            "--dataset",
+            "mimic-iv",
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+            "-",
+        ],
+        Some("Patient admitted with pneumonia."),
+    );
+    assert_ok(&coded);
+    let prediction: Value = serde_json::from_str(&coded.stdout).expect("a JSON prediction");
+    let name = prediction["model"].as_str().expect("a model string");
+    assert!(name.contains("adapter coder@"), "{name}");
 }
 
 /// The trained adapter codes the validation notes through the llm engine: whatever a tiny

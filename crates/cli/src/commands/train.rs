@@ -29,9 +29,16 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Register the trained weights in the model registry under this name at the end
+    /// (as `medcoder models register --name NAME --run RUN_DIR`).
+    #[arg(long, value_name = "NAME")]
+    register: Option<String>,
 }
 
 pub fn run(args: TrainArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
+    if let Some(name) = &args.register {
+        medcoder_coding::registry::check_name(name)?;
+    }
     let (config, run_dir, resume) = match (&args.resume, &args.config) {
         (Some(dir), _) => {
             let saved = dir.join("config.yaml");
@@ -156,6 +163,21 @@ pub fn run(args: TrainArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
             "weights: {} (metrics.jsonl, loss.png, checkpoints/ beside them)",
             summary.weights_dir.display()
         );
+    }
+    if let Some(name) = &args.register {
+        let registry = medcoder_coding::registry::ModelRegistry::open(home);
+        let (entry, created) = registry.register(&medcoder_coding::registry::RegisterRequest {
+            name: name.clone(),
+            run_dir: summary.weights_dir.clone(),
+            ..Default::default()
+        })?;
+        let what = if created {
+            "registered"
+        } else {
+            "already registered"
+        };
+        // stderr: with --json, stdout is the summary alone.
+        eprintln!("{what} {} ({})", entry.id(), entry.stage);
     }
     Ok(ExitCode::SUCCESS)
 }
