@@ -169,7 +169,15 @@ impl ServeConfig {
             }
         };
         fix(&mut self.engine.db);
-        fix(&mut self.engine.adapter);
+        // `adapter: coder@production` names a registered model, not a file.
+        let registered = self.engine.adapter.as_ref().is_some_and(|a| {
+            a.to_str().is_some_and(|s| {
+                s.contains('@') && medcoder_coding::registry::parse_spec(s).is_ok()
+            })
+        });
+        if !registered {
+            fix(&mut self.engine.adapter);
+        }
         fix(&mut self.engine.prompt_template);
     }
 }
@@ -197,6 +205,19 @@ mod tests {
         let error = serde_yaml::from_str::<ServeConfig>("limits:\n  max_note_char: 3\n")
             .expect_err("unknown field");
         assert!(error.to_string().contains("max_note_char"), "{error}");
+    }
+
+    #[test]
+    fn registered_adapters_are_not_made_paths() {
+        let mut config = ServeConfig::default();
+        config.engine.adapter = Some("coder@production".into());
+        config.engine.db = Some("codes.duckdb".into());
+        config.resolve_paths(Path::new("/etc/medcoder"));
+        assert_eq!(config.engine.adapter, Some("coder@production".into()));
+        assert_eq!(config.engine.db, Some("/etc/medcoder/codes.duckdb".into()));
+        config.engine.adapter = Some("runs/a".into());
+        config.resolve_paths(Path::new("/etc/medcoder"));
+        assert_eq!(config.engine.adapter, Some("/etc/medcoder/runs/a".into()));
     }
 
     #[test]
