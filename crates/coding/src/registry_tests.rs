@@ -174,3 +174,19 @@ fn eval_headline_reads_the_report_json_shape() {
     let err = EvalHeadline::from_report(&report).unwrap_err().to_string();
     assert!(err.contains("notes_gold"), "{err}");
 }
+
+#[test]
+fn concurrent_registrations_all_land() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..8)
+        .map(|i| run_dir(tmp.path(), &format!("run{i}"), format!("w{i}").as_bytes()))
+        .collect();
+    let registry = ModelRegistry::at(tmp.path().join("registry"));
+    std::thread::scope(|scope| {
+        for dir in &dirs {
+            let registry = registry.clone();
+            scope.spawn(move || register(&registry, "coder", dir));
+        }
+    });
+    assert_eq!(registry.list().unwrap().len(), 8);
+}
