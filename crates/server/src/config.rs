@@ -96,7 +96,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// SHA-256 (hex) of each accepted API key (`medcoder serve --hash-key KEY` prints one).
@@ -104,15 +104,6 @@ pub struct AuthConfig {
     pub api_key_sha256: Vec<String>,
     /// Requests per minute per key (or per client address when keys are off); 0 = unlimited.
     pub rate_limit_per_minute: u32,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            api_key_sha256: Vec::new(),
-            rate_limit_per_minute: 0,
-        }
-    }
 }
 
 impl ServeConfig {
@@ -137,7 +128,8 @@ impl ServeConfig {
         if self.limits.queue_capacity == 0 {
             return Err("limits.queue_capacity: must be at least 1".into());
         }
-        if !(self.limits.request_timeout_s > 0.0) {
+        let timeout = self.limits.request_timeout_s;
+        if timeout.is_nan() || timeout <= 0.0 {
             return Err("limits.request_timeout_s: must be positive".into());
         }
         if let Some(g) = &self.generation {

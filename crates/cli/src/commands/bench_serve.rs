@@ -93,8 +93,10 @@ pub fn run(args: ServeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode
     let script = tmp.path().join("notes.lua");
     fs_err::write(&script, wrk_script(&bodies))?;
 
-    let mut config = ServeConfig::default();
-    config.port = 0;
+    let mut config = ServeConfig {
+        port: 0,
+        ..ServeConfig::default()
+    };
     config.engine.db = Some(args.db.clone());
     config.engine.dataset = Some(args.dataset.clone());
     config.limits.queue_capacity = 4 * args.connections.max(64);

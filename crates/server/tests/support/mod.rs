@@ -83,8 +83,10 @@ pub fn corpus() -> Corpus {
 impl Corpus {
     /// A config for the retrieval engine on this corpus, on a free loopback port.
     pub fn config(&self) -> ServeConfig {
-        let mut config = ServeConfig::default();
-        config.port = 0;
+        let mut config = ServeConfig {
+            port: 0,
+            ..ServeConfig::default()
+        };
         config.engine.db = Some(self.db.clone());
         config.engine.dataset = Some("codiesp".into());
         config
