@@ -171,6 +171,9 @@ impl Coder {
     ) -> Result<Self, CodingError> {
         let (engine, description) = match config.engine {
             EngineKind::Retrieval => {
+                if let Some(kb) = &kb {
+                    kb.prepare_search();
+                }
                 let (db, dataset) = config.dataset_source()?;
                 let lexicon = kb.as_deref().map(|kb| kb as &dyn Lexicon);
                 let index = retrieval_index(db, dataset, &config.fit_splits, lexicon)?;
