@@ -243,10 +243,7 @@ pub fn load_code_sets(home: &MedcoderHome) -> Option<Arc<IcdKnowledge>> {
 pub fn describer(
     kb: Option<&IcdKnowledge>,
 ) -> impl Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + '_ {
-    move |code, _kind| {
-        let info = kb?.lookup(code).ok()?;
-        Some((info.description, info.billable))
-    }
+    move |code, _kind| kb?.describe(code).ok()
 }
 
 /// The notes with text of `split`, sorted by id; an error when there are none.

@@ -316,6 +316,24 @@ impl IcdKnowledge {
         }
     }
 
+    /// The description and billable flag [`Self::lookup`] gives, without building the rest of
+    /// the code's neighbourhood: what coding asks of every code it ranks.
+    pub fn describe(&self, input: &str) -> Result<(String, bool), CodeError> {
+        let upper = input.trim().to_ascii_uppercase();
+        let index = match self.cm.block(&upper) {
+            Some(block) => block,
+            None => match self.find(input)? {
+                Found::Cm(index) => index,
+                Found::Pcs(code) => {
+                    let description = self.pcs.describe(&code).unwrap_or_default();
+                    return Ok((description, self.pcs.get(&code).is_some()));
+                }
+            },
+        };
+        let entry = self.cm.entry(index);
+        Ok((entry.description.clone(), entry.billable))
+    }
+
     fn summary(&self, index: u32) -> CodeSummary {
         let entry = self.cm.entry(index);
         CodeSummary {
