@@ -187,6 +187,9 @@ impl Coder {
     ) -> Result<Self, CodingError> {
         let (engine, description) = match config.engine {
             EngineKind::Retrieval => {
+                if let Some(kb) = &kb {
+                    kb.prepare_search();
+                }
                 let (db, dataset) = config.dataset_source()?;
                 let lexicon = kb.as_deref().map(|kb| kb as &dyn Lexicon);
                 let index = retrieval_index(db, dataset, &config.fit_splits, lexicon)?;
@@ -335,10 +338,7 @@ pub fn load_code_sets(home: &MedcoderHome) -> Option<Arc<IcdKnowledge>> {
 pub fn describer(
     kb: Option<&IcdKnowledge>,
 ) -> impl Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + '_ {
-    move |code, _kind| {
-        let info = kb?.lookup(code).ok()?;
-        Some((info.description, info.billable))
-    }
+    move |code, _kind| kb?.describe(code).ok()
 }
 
 /// The notes with text of `split`, sorted by id; an error when there are none.

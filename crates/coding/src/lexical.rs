@@ -26,25 +26,25 @@ pub trait Lexicon: Sync {
 impl Lexicon for IcdKnowledge {
     fn candidates(&self, text: &str) -> [Ranked; 2] {
         // One search per clause over both code sets; each set's best hits kept.
-        let mut scores: [HashMap<String, f32>; 2] = Default::default();
+        let mut scores: [HashMap<&str, f32>; 2] = Default::default();
         let filter = SearchFilter {
             system: None,
             billable_only: false,
         };
         for sentence in sentences(text) {
             for clause in clauses(&sentence.text) {
-                let hits = self.search(clause, 4 * HITS_PER_CLAUSE, filter);
+                let hits = self.search_codes(clause, 4 * HITS_PER_CLAUSE, filter);
                 for (kind, system) in [CodeSystem::Cm, CodeSystem::Pcs].into_iter().enumerate() {
-                    let mine: Vec<_> = hits
+                    let mut mine = hits
                         .iter()
-                        .filter(|h| h.system == system)
+                        .filter(|(_, s, _)| *s == system)
                         .take(HITS_PER_CLAUSE)
-                        .collect();
-                    let Some(best) = mine.first().map(|h| h.score).filter(|s| *s > 0.0) else {
+                        .peekable();
+                    let Some(best) = mine.peek().map(|h| h.2).filter(|s| *s > 0.0) else {
                         continue;
                     };
-                    for hit in mine {
-                        *scores[kind].entry(hit.code.clone()).or_default() += hit.score / best;
+                    for &(code, _, score) in mine {
+                        *scores[kind].entry(code).or_default() += score / best;
                     }
                 }
             }
@@ -53,7 +53,7 @@ impl Lexicon for IcdKnowledge {
             let max = scores.values().copied().fold(0.0f32, f32::max);
             let mut ranked: Vec<(String, f32)> = scores
                 .into_iter()
-                .map(|(code, s)| (code, if max > 0.0 { s / max } else { 0.0 }))
+                .map(|(code, s)| (code.to_string(), if max > 0.0 { s / max } else { 0.0 }))
                 .collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
             ranked.truncate(CANDIDATES);

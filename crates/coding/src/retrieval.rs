@@ -13,13 +13,18 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::assertion::{assertion_of, Assertion};
 use crate::eval::average_precision;
 use crate::lexical::{Lexicon, Ranked};
-use crate::prediction::{CodeDescriber, CodeKind, CodedItem, EvidenceSpan, NotePrediction};
+use crate::prediction::{CodeDescriber, CodeKind, CodedItem, NotePrediction};
 use crate::rerank::{Reranker, Signals};
-use crate::text::{sentences, words, Analyzer};
+use crate::text::Analyzer;
 use crate::CodingError;
+
+mod centroids;
+mod evidence;
+
+use centroids::Centroids;
+use evidence::NoteSentences;
 
 /// A note with its gold codes, to fit the index on.
 #[derive(Debug, Clone)]
@@ -75,9 +80,8 @@ pub struct RetrievalIndex {
     frequent: [Vec<u32>; 2],
     #[serde(skip)]
     code_index: HashMap<(String, CodeKind), u32>,
-    /// Per code: the sum of the vectors of the notes carrying it, and its squared norm.
     #[serde(skip)]
-    centroids: Vec<(SparseVec, f32)>,
+    centroids: Centroids,
     #[serde(skip)]
     postings: Vec<Vec<(u32, f32)>>,
 }
@@ -168,7 +172,7 @@ impl RetrievalIndex {
             codes_of_kind: Default::default(),
             frequent: Default::default(),
             code_index: HashMap::new(),
-            centroids: Vec::new(),
+            centroids: Centroids::default(),
             postings: Vec::new(),
         };
         index.docs = term_lists.iter().map(|t| index.vectorize(t)).collect();
@@ -234,21 +238,14 @@ impl RetrievalIndex {
             list.truncate(RANKING_LENGTH);
             list
         });
-        let mut sums: Vec<HashMap<u32, f32>> = vec![HashMap::new(); self.codes.len()];
-        for (vector, per_kind) in self.docs.iter().zip(&self.doc_codes) {
-            for &code in per_kind.iter().flatten() {
-                for &(term, w) in vector {
-                    *sums[code as usize].entry(term).or_default() += w;
-                }
-            }
-        }
-        self.centroids = sums
-            .into_iter()
-            .map(|sum| {
-                let norm2 = sum.values().map(|w| w * w).sum();
-                (sum.into_iter().collect(), norm2)
-            })
-            .collect();
+        self.centroids = Centroids::new(
+            self.idf.len(),
+            self.codes.len(),
+            self.docs
+                .iter()
+                .zip(&self.doc_codes)
+                .map(|(vector, per_kind)| (vector, per_kind.iter().flatten().copied())),
+        );
         self.code_index = self
             .codes
             .iter()
@@ -264,22 +261,23 @@ impl RetrievalIndex {
         self.postings = postings;
     }
 
+    /// Sorted by term id before the norm is summed, so that a note's vector is the same to the
+    /// last bit from run to run (a hash map's order is not).
     fn vectorize(&self, terms: &[String]) -> SparseVec {
-        let mut counts: HashMap<u32, f32> = HashMap::new();
-        for term in terms {
-            if let Some(&id) = self.vocabulary.get(term) {
-                *counts.entry(id).or_default() += 1.0;
-            }
-        }
-        let mut vector: SparseVec = counts
-            .into_iter()
-            .map(|(id, tf)| (id, (1.0 + tf.ln()) * self.idf[id as usize]))
+        let mut ids: Vec<u32> = terms
+            .iter()
+            .filter_map(|term| self.vocabulary.get(term).copied())
             .collect();
+        ids.sort_unstable();
+        let mut vector: SparseVec = Vec::new();
+        for chunk in ids.chunk_by(|a, b| a == b) {
+            let tf = chunk.len() as f32;
+            vector.push((chunk[0], (1.0 + tf.ln()) * self.idf[chunk[0] as usize]));
+        }
         let norm = vector.iter().map(|(_, w)| w * w).sum::<f32>().sqrt();
         if norm > 0.0 {
             vector.iter_mut().for_each(|(_, w)| *w /= norm);
         }
-        vector.sort_unstable_by_key(|(id, _)| *id);
         vector
     }
 
@@ -320,6 +318,7 @@ impl RetrievalIndex {
         let n = self.docs.len() as f32;
         let own =
             |code: u32, kind: usize| skip.is_some_and(|d| self.doc_codes[d][kind].contains(&code));
+        let dots = self.centroids.dots(query);
         std::array::from_fn(|kind| {
             let mut signals: HashMap<String, Signals> = HashMap::new();
             let mut voted: HashMap<u32, f32> = HashMap::new();
@@ -343,7 +342,7 @@ impl RetrievalIndex {
                 );
             }
             for (rank, (code, sim)) in self
-                .centroid_ranking(query, kind, skip)
+                .centroid_ranking(&dots, kind, skip)
                 .into_iter()
                 .enumerate()
             {
@@ -382,24 +381,15 @@ impl RetrievalIndex {
         })
     }
 
-    /// The codes of `kind` whose centroids are closest to `query`: (code id, cosine), best
-    /// first (`skip`: the fitted note left out of the centroids it is in).
-    fn centroid_ranking(
-        &self,
-        query: &SparseVec,
-        kind: usize,
-        skip: Option<usize>,
-    ) -> Vec<(u32, f32)> {
-        let mut dense = vec![0f32; self.idf.len()];
-        for &(term, w) in query {
-            dense[term as usize] = w;
-        }
+    /// The codes of `kind` whose centroids are closest to the query (`dots`: its dot product
+    /// with each centroid): (code id, cosine), best first (`skip`: the fitted note left out of
+    /// the centroids it is in).
+    fn centroid_ranking(&self, dots: &[f32], kind: usize, skip: Option<usize>) -> Vec<(u32, f32)> {
         let mut ranked: Vec<(u32, f32)> = self.codes_of_kind[kind]
             .iter()
             .filter_map(|&code| {
-                let (sum, norm2) = &self.centroids[code as usize];
-                let mut dot: f32 = sum.iter().map(|&(t, w)| w * dense[t as usize]).sum();
-                let mut norm2 = *norm2;
+                let mut dot = dots[code as usize];
+                let mut norm2 = self.centroids.norm2(code);
                 if skip.is_some_and(|d| self.doc_codes[d][kind].contains(&code)) {
                     // Leave the note out: s − v with ‖v‖ = 1.
                     norm2 += 1.0 - 2.0 * dot;
@@ -412,7 +402,7 @@ impl RetrievalIndex {
         if keep == 0 {
             return Vec::new();
         }
-        ranked.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
+        ranked.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         ranked.truncate(keep);
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         ranked
@@ -589,7 +579,8 @@ impl RetrievalIndex {
     ) -> NotePrediction {
         let started = Instant::now();
         let analyzer = Analyzer::default();
-        let query = self.vectorize(&analyzer.terms(text));
+        let words = analyzer.stemmed_words(text);
+        let query = self.vectorize(&Analyzer::terms_of(&words));
         let sims = self.similarities(&query);
         let c = &self.calibration;
         let lexical = lexicon
@@ -605,13 +596,7 @@ impl RetrievalIndex {
             ),
             &self.rerankers,
         );
-        let sentence_stems: Vec<(crate::text::Span, Vec<String>)> = sentences(text)
-            .into_iter()
-            .map(|s| {
-                let stems = analyzer.stems(&s.text);
-                (s, stems)
-            })
-            .collect();
+        let sentences = NoteSentences::new(text, &words);
         let items = |kind: usize| -> Vec<CodedItem> {
             votes[kind]
                 .iter()
@@ -623,7 +608,7 @@ impl RetrievalIndex {
                     let assigned = confidence >= c.thresholds[kind];
                     let found = match (&described, assigned) {
                         (Some((description, _)), true) => {
-                            self.best_sentence(&analyzer, description, &sentence_stems)
+                            self.best_sentence(&analyzer, description, &sentences)
                         }
                         _ => None,
                     };
@@ -664,48 +649,6 @@ impl RetrievalIndex {
             ),
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         }
-    }
-
-    /// The sentence sharing the most (idf-weighted) stems with `description`, and the
-    /// assertion read around the first word it shares.
-    fn best_sentence(
-        &self,
-        analyzer: &Analyzer,
-        description: &str,
-        sentences: &[(crate::text::Span, Vec<String>)],
-    ) -> Option<(EvidenceSpan, Assertion)> {
-        let wanted = analyzer.stems(description);
-        let weight = |stem: &String| {
-            self.vocabulary
-                .get(stem)
-                .map_or(1.0, |&id| self.idf[id as usize])
-        };
-        let (score, span) = sentences
-            .iter()
-            .map(|(span, stems)| {
-                let score: f32 = wanted
-                    .iter()
-                    .filter(|w| stems.contains(w))
-                    .map(weight)
-                    .sum();
-                (score, span)
-            })
-            .max_by(|a, b| a.0.total_cmp(&b.0))?;
-        if score <= 0.0 {
-            return None;
-        }
-        let mention = words(&span.text)
-            .iter()
-            .position(|w| analyzer.stems(&w.text).iter().any(|s| wanted.contains(s)))
-            .unwrap_or(0);
-        Some((
-            EvidenceSpan {
-                start: span.start,
-                end: span.end,
-                text: span.text.clone(),
-            },
-            assertion_of(&span.text, mention),
-        ))
     }
 }
 

@@ -40,26 +40,68 @@ impl Default for Analyzer {
     }
 }
 
+/// A text's words with their offsets and stems (`None` for stop words and one-character
+/// words): a note is read once for its terms and its evidence.
+#[derive(Debug, Clone)]
+pub struct StemmedWords {
+    pub words: Vec<Span>,
+    pub stems: Vec<Option<String>>,
+}
+
+impl StemmedWords {
+    /// The stems of the words in `range`, in order.
+    pub fn stems_in(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &str> {
+        self.stems[range].iter().filter_map(|s| s.as_deref())
+    }
+
+    /// The words that lie within `[start, end)` (characters), as a range of word indexes.
+    pub fn within(&self, start: usize, end: usize) -> std::ops::Range<usize> {
+        let first = self.words.partition_point(|w| w.start < start);
+        let last = first + self.words[first..].partition_point(|w| w.end <= end);
+        first..last
+    }
+}
+
 impl Analyzer {
     pub fn terms(&self, text: &str) -> Vec<String> {
-        let words: Vec<String> = words(text)
-            .into_iter()
-            .map(|w| w.text.to_lowercase())
-            .filter(|w| w.chars().count() >= 2 && !STOPWORDS.contains(&w.as_str()))
-            .map(|w| self.stemmer.stem(&w).into_owned())
-            .collect();
-        let pairs = words.windows(2).map(|p| format!("{}_{}", p[0], p[1]));
-        let mut terms = words.clone();
-        terms.extend(pairs);
+        Self::terms_of(&self.stemmed_words(text))
+    }
+
+    /// The stems of a text's words, then each pair of neighbouring stems.
+    pub fn terms_of(words: &StemmedWords) -> Vec<String> {
+        let stems: Vec<&str> = words.stems_in(0..words.stems.len()).collect();
+        let mut terms: Vec<String> = Vec::with_capacity(2 * stems.len());
+        terms.extend(stems.iter().map(|s| s.to_string()));
+        terms.extend(stems.windows(2).map(|pair| {
+            let mut term = String::with_capacity(pair[0].len() + 1 + pair[1].len());
+            term.push_str(pair[0]);
+            term.push('_');
+            term.push_str(pair[1]);
+            term
+        }));
         terms
     }
 
     /// Stemmed content words only (for matching against code descriptions).
     pub fn stems(&self, text: &str) -> Vec<String> {
-        self.terms(text)
+        self.stemmed_words(text)
+            .stems
             .into_iter()
-            .filter(|t| !t.contains('_'))
+            .flatten()
             .collect()
+    }
+
+    pub fn stemmed_words(&self, text: &str) -> StemmedWords {
+        let words = words(text);
+        let stems = words.iter().map(|w| self.stem(&w.text)).collect();
+        StemmedWords { words, stems }
+    }
+
+    /// A word's stem; `None` for a stop word or a one-character word.
+    fn stem(&self, word: &str) -> Option<String> {
+        let lower = word.to_lowercase();
+        (lower.chars().count() >= 2 && !STOPWORDS.contains(&lower.as_str()))
+            .then(|| self.stemmer.stem(&lower).into_owned())
     }
 }
 
@@ -201,5 +243,23 @@ mod tests {
         assert!(find_quote(note, " \"\" ").is_none());
         let terms = Analyzer::default().terms("The patient had diabetes mellitus");
         assert_eq!(terms, ["diabet", "mellitus", "diabet_mellitus"]);
+    }
+
+    #[test]
+    fn a_sentence_has_the_words_and_stems_it_would_have_alone() {
+        let analyzer = Analyzer::default();
+        let note = "Émile, 64, had type 2 diabetes.\nNo fever; chest pain. Renal colic!";
+        let words = analyzer.stemmed_words(note);
+        for sentence in sentences(note) {
+            let range = words.within(sentence.start, sentence.end);
+            let alone = analyzer.stemmed_words(&sentence.text);
+            let texts: Vec<&str> = words.words[range.clone()]
+                .iter()
+                .map(|w| w.text.as_str())
+                .collect();
+            let alone_texts: Vec<&str> = alone.words.iter().map(|w| w.text.as_str()).collect();
+            assert_eq!(texts, alone_texts);
+            assert_eq!(words.stems[range], alone.stems[..]);
+        }
     }
 }

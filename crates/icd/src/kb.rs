@@ -316,6 +316,24 @@ impl IcdKnowledge {
         }
     }
 
+    /// The description and billable flag [`Self::lookup`] gives, without building the rest of
+    /// the code's neighbourhood: what coding asks of every code it ranks.
+    pub fn describe(&self, input: &str) -> Result<(String, bool), CodeError> {
+        let upper = input.trim().to_ascii_uppercase();
+        let index = match self.cm.block(&upper) {
+            Some(block) => block,
+            None => match self.find(input)? {
+                Found::Cm(index) => index,
+                Found::Pcs(code) => {
+                    let description = self.pcs.describe(&code).unwrap_or_default();
+                    return Ok((description, self.pcs.get(&code).is_some()));
+                }
+            },
+        };
+        let entry = self.cm.entry(index);
+        Ok((entry.description.clone(), entry.billable))
+    }
+
     fn summary(&self, index: u32) -> CodeSummary {
         let entry = self.cm.entry(index);
         CodeSummary {
@@ -452,6 +470,34 @@ impl IcdKnowledge {
             })
     }
 
+    /// Builds the search's lookup tables now rather than on the first [`Self::search`]
+    /// (servers call it while loading, so that no request waits for it).
+    pub fn prepare_search(&self) {
+        self.search_index.prepare(&self.cm);
+    }
+
+    /// Codes ranked for a free-text query, as [`Self::search`] ranks them, without their
+    /// descriptions: (code, code set, score).
+    pub fn search_codes(
+        &self,
+        query: &str,
+        limit: usize,
+        filter: SearchFilter,
+    ) -> Vec<(&str, CodeSystem, f32)> {
+        self.search_index
+            .search(query, limit, filter, &self.cm, &self.pcs)
+            .into_iter()
+            .map(|hit| match hit.doc {
+                DocRef::Cm(i) => (self.cm.entry(i).code.as_str(), CodeSystem::Cm, hit.score),
+                DocRef::Pcs(i) => (
+                    self.pcs.codes[i as usize].code.as_str(),
+                    CodeSystem::Pcs,
+                    hit.score,
+                ),
+            })
+            .collect()
+    }
+
     /// Codes ranked for a free-text query.
     pub fn search(&self, query: &str, limit: usize, filter: SearchFilter) -> Vec<SearchHit> {
         self.search_index
@@ -480,6 +526,11 @@ impl IcdKnowledge {
                 }
             })
             .collect()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn search_index(&self) -> &SearchIndex {
+        &self.search_index
     }
 
     pub fn search_doc_count(&self) -> usize {

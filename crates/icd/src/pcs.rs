@@ -325,12 +325,15 @@ impl PcsCodeSet {
 
     /// The complete codes that start with `prefix` (all of them for an empty prefix).
     pub fn with_prefix(&self, prefix: &str) -> &[PcsEntry] {
+        &self.codes[self.prefix_range(prefix)]
+    }
+
+    /// Positions in [`Self::codes`] of the codes that start with `prefix`: sorted codes that
+    /// share a prefix are contiguous, so two binary searches find them.
+    pub fn prefix_range(&self, prefix: &str) -> std::ops::Range<usize> {
         let start = self.codes.partition_point(|e| e.code.as_str() < prefix);
-        let len = self.codes[start..]
-            .iter()
-            .take_while(|e| e.code.starts_with(prefix))
-            .count();
-        &self.codes[start..start + len]
+        let len = self.codes[start..].partition_point(|e| e.code.starts_with(prefix));
+        start..start + len
     }
 
     /// Each character of a (partial) code on its axis.

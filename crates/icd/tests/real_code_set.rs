@@ -264,6 +264,39 @@ fn lookup_walks_the_hierarchy_from_the_chapter_down() {
 }
 
 #[test]
+fn describe_says_what_lookup_says() {
+    let f = fixture_or_skip!();
+    let codes = [
+        "E11.9",
+        "e11.9 ",
+        "E11",
+        "E11.4",
+        "E08-E13",
+        "S72.001A",
+        "W19",
+        "W19A",
+        "0DTJ4ZZ",
+        "0DTJ",
+        "BW03ZZZ",
+        "BW03",
+        "B",
+        "Z99.99",
+        "not a code",
+        "",
+    ];
+    for code in codes {
+        let looked_up =
+            f.kb.lookup(code)
+                .map(|info| (info.description, info.billable));
+        match (f.kb.describe(code), looked_up) {
+            (Ok(described), Ok(looked_up)) => assert_eq!(described, looked_up, "{code:?}"),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{code:?}"),
+            (a, b) => panic!("{code:?}: describe {a:?}, lookup {b:?}"),
+        }
+    }
+}
+
+#[test]
 fn excludes1_forbids_type_1_with_type_2_diabetes() {
     let f = fixture_or_skip!();
     for (a, b) in [("E10.9", "E11.9"), ("E11.9", "E10.9")] {

@@ -1,0 +1,162 @@
+//! Tables a search reads that follow from the index and the code set it was built from:
+//! computed on the first search rather than stored, so the knowledge base cache keeps its
+//! format.
+
+use std::collections::HashMap;
+
+use super::query::Analyzer;
+use super::{SearchIndex, B, COVERAGE_WEIGHT, K1};
+use crate::cm::CmCodeSet;
+use crate::notes::NoteKind;
+
+/// A term's bit in a text's 128-bit signature: (word, mask).
+pub(super) fn signature_bit(term: u32) -> (usize, u64) {
+    let hash = term.wrapping_mul(0x9E37_79B9) >> 25;
+    ((hash >> 6) as usize, 1 << (hash & 63))
+}
+
+/// The coverage factor of a text with `essential` essential terms that holds one query term.
+fn lone_coverage(essential: u16) -> f32 {
+    let coverage = (1.0 / f32::from(essential.max(1))).min(1.0);
+    1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * coverage
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct Derived {
+    /// Per text: `K1 * norm`, BM25's length normalization.
+    pub k1_norm: Vec<f32>,
+    /// Per text: where its terms start in `text_terms` (one more entry than texts).
+    text_terms_start: Vec<u32>,
+    /// Each text's (term, term frequency), sorted by term: the postings turned around.
+    text_terms: Vec<(u32, f32)>,
+    /// Per term: the largest `tf (K1 + 1) / (tf + K1 norm)` of its postings, so that
+    /// `weight × idf × term_max` bounds what the term adds to any text's score.
+    pub term_max: Vec<f32>,
+    /// Per text: its weight times the largest `tf (K1 + 1) / (tf + K1 norm)` of its terms,
+    /// so that this times the sum of `weight × idf` of the query terms it may hold bounds its
+    /// score.
+    pub text_bound: Vec<f32>,
+    /// Per text: the bits of its terms' [`signature_bit`]s. A term whose bit is not set is
+    /// not in the text; one whose bit is set may be.
+    signatures: Vec<[u64; 2]>,
+    /// Per term: where its texts start in `by_lone_bound` (one more entry than terms).
+    term_start: Vec<u32>,
+    /// Per text: `text_bound` times the coverage factor of a text that holds one query term
+    /// only.
+    pub lone_bound: Vec<f32>,
+    /// Each term's texts by `lone_bound`, highest first: read in this order, the texts that
+    /// can still make a query's answer come before those that cannot.
+    by_lone_bound: Vec<u32>,
+    /// Per CM entry that has them: the terms of its "… NOS" inclusion terms.
+    nos_terms: HashMap<u32, Vec<Vec<String>>>,
+}
+
+impl Derived {
+    pub fn new(index: &SearchIndex, cm: &CmCodeSet) -> Self {
+        let k1_norm: Vec<f32> = index
+            .doc_len
+            .iter()
+            .map(|len| K1 * (1.0 - B + B * len / index.avg_len))
+            .collect();
+        let mut counts = vec![0u32; index.docs.len() + 1];
+        for postings in &index.postings {
+            for &(doc, _) in postings {
+                counts[doc as usize + 1] += 1;
+            }
+        }
+        let mut text_terms_start = counts;
+        for i in 1..text_terms_start.len() {
+            text_terms_start[i] += text_terms_start[i - 1];
+        }
+        let mut fill = text_terms_start.clone();
+        let total = text_terms_start.last().copied().unwrap_or(0) as usize;
+        let mut text_terms = vec![(0u32, 0f32); total];
+        let mut term_max = Vec::with_capacity(index.postings.len());
+        let mut text_bound = vec![0f32; index.docs.len()];
+        let mut signatures = vec![[0u64; 2]; index.docs.len()];
+        for (term, postings) in index.postings.iter().enumerate() {
+            let mut max = 0f32;
+            for &(doc, tf) in postings {
+                let slot = &mut fill[doc as usize];
+                text_terms[*slot as usize] = (term as u32, tf);
+                *slot += 1;
+                let factor = tf * (K1 + 1.0) / (tf + k1_norm[doc as usize]);
+                max = max.max(factor);
+                let bound = &mut text_bound[doc as usize];
+                *bound = bound.max(factor * index.doc_weight[doc as usize]);
+                let (word, bit) = signature_bit(term as u32);
+                signatures[doc as usize][word] |= bit;
+            }
+            term_max.push(max);
+        }
+        let mut term_start = Vec::with_capacity(index.postings.len() + 1);
+        term_start.push(0);
+        for postings in &index.postings {
+            term_start.push(term_start.last().copied().unwrap_or(0) + postings.len() as u32);
+        }
+        let lone_bound: Vec<f32> = (0..index.docs.len())
+            .map(|doc| text_bound[doc] * lone_coverage(index.doc_essential[doc]))
+            .collect();
+        let mut by_lone_bound = Vec::with_capacity(total);
+        for postings in &index.postings {
+            let mut texts: Vec<(f32, u32)> = postings
+                .iter()
+                .map(|&(doc, _)| (lone_bound[doc as usize], doc))
+                .collect();
+            texts.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            by_lone_bound.extend(texts.into_iter().map(|(_, doc)| doc));
+        }
+        let analyzer = Analyzer::new();
+        let mut nos_terms: HashMap<u32, Vec<Vec<String>>> = HashMap::new();
+        for (i, entry) in cm.entries.iter().enumerate() {
+            let lists: Vec<Vec<String>> = entry
+                .notes
+                .iter()
+                .filter(|n| matches!(n.kind, NoteKind::InclusionTerm | NoteKind::Includes))
+                .filter(|n| n.text.split_whitespace().any(|w| w == "NOS"))
+                .map(|n| analyzer.terms(&n.text))
+                .filter(|terms| !terms.is_empty())
+                .collect();
+            if !lists.is_empty() {
+                nos_terms.insert(i as u32, lists);
+            }
+        }
+        Self {
+            k1_norm,
+            text_terms_start,
+            text_terms,
+            term_max,
+            text_bound,
+            signatures,
+            term_start,
+            lone_bound,
+            by_lone_bound,
+            nos_terms,
+        }
+    }
+
+    /// A text's (term, term frequency), sorted by term.
+    pub fn terms_of(&self, doc: u32) -> &[(u32, f32)] {
+        let start = self.text_terms_start[doc as usize] as usize;
+        let end = self.text_terms_start[doc as usize + 1] as usize;
+        &self.text_terms[start..end]
+    }
+
+    pub fn signature(&self, doc: u32) -> &[u64; 2] {
+        &self.signatures[doc as usize]
+    }
+
+    /// The texts a term is in, by [`Self::lone_bound`], highest first.
+    pub fn texts_by_lone_bound(&self, term: u32) -> &[u32] {
+        &self.by_lone_bound[self.term_range(term)]
+    }
+
+    fn term_range(&self, term: u32) -> std::ops::Range<usize> {
+        self.term_start[term as usize] as usize..self.term_start[term as usize + 1] as usize
+    }
+
+    /// The terms of the "… NOS" inclusion terms written at one CM entry.
+    pub fn nos_terms(&self, index: u32) -> &[Vec<String>] {
+        self.nos_terms.get(&index).map_or(&[], Vec::as_slice)
+    }
+}
