@@ -2,7 +2,7 @@
 //! computed on the first search rather than stored, so the knowledge base cache keeps its
 //! format.
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::query::Analyzer;
 use super::{DocRef, SearchIndex, B, COVERAGE_WEIGHT, K1};
@@ -41,6 +41,8 @@ pub(super) struct TextInfo {
 
 #[derive(Debug, Clone, Default)]
 pub(super) struct Derived {
+    /// Tells this index from the others of the process (for what threads keep of it).
+    pub id: u64,
     /// Per text.
     pub texts: Vec<TextInfo>,
     /// Per text: where its terms start in `text_terms` (one more entry than texts).
@@ -56,8 +58,10 @@ pub(super) struct Derived {
     /// of a text that holds one query term), highest first: read in this order, the texts
     /// that can still make a query's answer come before those that cannot.
     by_lone_bound: Vec<(u32, f32)>,
-    /// Per CM entry that has them: the terms of its "… NOS" inclusion terms.
-    nos_terms: HashMap<u32, Vec<Vec<String>>>,
+    /// Per CM entry: where the terms of its "… NOS" inclusion terms start in `nos_terms`
+    /// (one more entry than CM entries).
+    nos_start: Vec<u32>,
+    nos_terms: Vec<Vec<String>>,
 }
 
 impl Derived {
@@ -113,27 +117,31 @@ impl Derived {
             term_start.push(by_lone_bound.len() as u32);
         }
         let analyzer = Analyzer::new();
-        let mut nos_terms: HashMap<u32, Vec<Vec<String>>> = HashMap::new();
-        for (i, entry) in cm.entries.iter().enumerate() {
-            let lists: Vec<Vec<String>> = entry
-                .notes
-                .iter()
-                .filter(|n| matches!(n.kind, NoteKind::InclusionTerm | NoteKind::Includes))
-                .filter(|n| n.text.split_whitespace().any(|w| w == "NOS"))
-                .map(|n| analyzer.terms(&n.text))
-                .filter(|terms| !terms.is_empty())
-                .collect();
-            if !lists.is_empty() {
-                nos_terms.insert(i as u32, lists);
-            }
+        let mut nos_start = Vec::with_capacity(cm.entries.len() + 1);
+        let mut nos_terms: Vec<Vec<String>> = Vec::new();
+        nos_start.push(0);
+        for entry in &cm.entries {
+            nos_terms.extend(
+                entry
+                    .notes
+                    .iter()
+                    .filter(|n| matches!(n.kind, NoteKind::InclusionTerm | NoteKind::Includes))
+                    .filter(|n| n.text.split_whitespace().any(|w| w == "NOS"))
+                    .map(|n| analyzer.terms(&n.text))
+                    .filter(|terms| !terms.is_empty()),
+            );
+            nos_start.push(nos_terms.len() as u32);
         }
+        static INDEXES: AtomicU64 = AtomicU64::new(1);
         Self {
+            id: INDEXES.fetch_add(1, Ordering::Relaxed),
             texts,
             text_terms_start,
             text_terms,
             term_max,
             term_start,
             by_lone_bound,
+            nos_start,
             nos_terms,
         }
     }
@@ -156,6 +164,8 @@ impl Derived {
 
     /// The terms of the "… NOS" inclusion terms written at one CM entry.
     pub fn nos_terms(&self, index: u32) -> &[Vec<String>] {
-        self.nos_terms.get(&index).map_or(&[], Vec::as_slice)
+        let start = self.nos_start[index as usize] as usize;
+        let end = self.nos_start[index as usize + 1] as usize;
+        &self.nos_terms[start..end]
     }
 }

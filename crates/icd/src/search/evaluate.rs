@@ -100,7 +100,7 @@ pub(super) fn search(
     pruning: Pruning,
 ) -> Vec<RankedDoc> {
     let analyzer = Analyzer::new();
-    let parsed = analyzer.query_terms(text, &index.procedures);
+    let parsed = analyzer.query_terms(text, &index.procedures, derived.id);
     let n = index.docs.len() as f32;
     let query_weight: f32 = parsed
         .terms
