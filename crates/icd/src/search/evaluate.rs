@@ -186,8 +186,13 @@ pub(super) fn search(
             }
         }
     }
-    ranked.sort_by(by_score);
+    // `by_score` is a total order (codes are unique), so the first `limit` are the same
+    // whichever sort finds them.
+    if limit > 0 && ranked.len() > limit {
+        ranked.select_nth_unstable_by(limit - 1, by_score);
+    }
     ranked.truncate(limit);
+    ranked.sort_unstable_by(by_score);
     ranked
 }
 
