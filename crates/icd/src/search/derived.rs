@@ -21,14 +21,22 @@ fn lone_coverage(essential: u16) -> f32 {
     1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * coverage
 }
 
-/// What the search reads of a text while deciding whether to score it, and to score it: one
-/// cache line's half, since texts are visited in no order that memory would like.
+/// A text in a term's list, with what deciding on it mostly needs: lists are read in order,
+/// texts' own records are not (most texts a query reads are passed over on these alone).
 #[derive(Debug, Clone, Copy, Default)]
-#[repr(align(32))]
-pub(super) struct TextInfo {
+pub(super) struct Listed {
+    pub doc: u32,
+    /// The text's bound times the coverage factor of a text that holds one query term.
+    pub lone_bound: f32,
     /// The bits of its terms' [`signature_bit`]s. A term whose bit is not set is not in the
     /// text; one whose bit is set may be.
     pub signature: [u64; 2],
+}
+
+/// What the search reads of a text to decide on it once its listing allows, and to score it.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(align(16))]
+pub(super) struct TextInfo {
     /// Its weight times the largest `tf (K1 + 1) / (tf + K1 norm)` of its terms: this times
     /// the sum of `weight × idf` of the query terms it may hold bounds its score.
     pub bound: f32,
@@ -54,10 +62,9 @@ pub(super) struct Derived {
     pub term_max: Vec<f32>,
     /// Per term: where its texts start in `by_lone_bound` (one more entry than terms).
     term_start: Vec<u32>,
-    /// Each term's texts with their lone bound (`TextInfo::bound` times the coverage factor
-    /// of a text that holds one query term), highest first: read in this order, the texts
+    /// Each term's texts by their lone bound, highest first: read in this order, the texts
     /// that can still make a query's answer come before those that cannot.
-    by_lone_bound: Vec<(u32, f32)>,
+    by_lone_bound: Vec<Listed>,
     /// Per CM entry: where the terms of its "… NOS" inclusion terms start in `nos_terms`
     /// (one more entry than CM entries).
     nos_start: Vec<u32>,
@@ -68,7 +75,6 @@ impl Derived {
     pub fn new(index: &SearchIndex, cm: &CmCodeSet) -> Self {
         let mut texts: Vec<TextInfo> = (0..index.docs.len())
             .map(|doc| TextInfo {
-                signature: [0; 2],
                 bound: 0.0,
                 k1_norm: K1 * (1.0 - B + B * index.doc_len[doc] / index.avg_len),
                 essential: index.doc_essential[doc],
@@ -89,6 +95,7 @@ impl Derived {
         let total = text_terms_start.last().copied().unwrap_or(0) as usize;
         let mut text_terms = vec![(0u32, 0f32); total];
         let mut term_max = Vec::with_capacity(index.postings.len());
+        let mut signatures = vec![[0u64; 2]; index.docs.len()];
         for (term, postings) in index.postings.iter().enumerate() {
             let mut max = 0f32;
             for &(doc, tf) in postings {
@@ -100,20 +107,28 @@ impl Derived {
                 max = max.max(factor);
                 text.bound = text.bound.max(factor * index.doc_weight[doc as usize]);
                 let (word, bit) = signature_bit(term as u32);
-                text.signature[word] |= bit;
+                signatures[doc as usize][word] |= bit;
             }
             term_max.push(max);
         }
         let mut term_start = Vec::with_capacity(index.postings.len() + 1);
-        let mut by_lone_bound: Vec<(u32, f32)> = Vec::with_capacity(total);
+        let mut by_lone_bound: Vec<Listed> = Vec::with_capacity(total);
         term_start.push(0);
         for postings in &index.postings {
             let start = by_lone_bound.len();
             by_lone_bound.extend(postings.iter().map(|&(doc, _)| {
                 let text = &texts[doc as usize];
-                (doc, text.bound * lone_coverage(text.essential))
+                Listed {
+                    doc,
+                    lone_bound: text.bound * lone_coverage(text.essential),
+                    signature: signatures[doc as usize],
+                }
             }));
-            by_lone_bound[start..].sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            by_lone_bound[start..].sort_unstable_by(|a, b| {
+                b.lone_bound
+                    .total_cmp(&a.lone_bound)
+                    .then(a.doc.cmp(&b.doc))
+            });
             term_start.push(by_lone_bound.len() as u32);
         }
         let analyzer = Analyzer::new();
@@ -154,7 +169,7 @@ impl Derived {
     }
 
     /// The texts a term is in with their lone bounds, highest first.
-    pub fn texts_by_lone_bound(&self, term: u32) -> &[(u32, f32)] {
+    pub fn texts_by_lone_bound(&self, term: u32) -> &[Listed] {
         &self.by_lone_bound[self.term_range(term)]
     }
 

@@ -251,10 +251,11 @@ impl Query<'_> {
             }
             let idf_sum: f32 = rest.iter().map(|&i| self.terms[i].weighted_idf).sum();
             let scale = idf_sum * answered * lone_factor * boost * BOUND_SLACK;
-            for &(doc, lone_bound) in self.derived.texts_by_lone_bound(self.terms[next].id) {
+            for listed in self.derived.texts_by_lone_bound(self.terms[next].id) {
+                let doc = listed.doc;
                 let kth = self.kth(scratch);
                 // Bounds what this text, and every text after it, can score.
-                if lone_bound * scale < kth {
+                if listed.lone_bound * scale < kth {
                     break;
                 }
                 if scratch.is_scored(doc) {
@@ -264,7 +265,11 @@ impl Query<'_> {
                     self.score_text(scratch, doc, None);
                     continue;
                 }
-                let maybe = self.maybe_held(doc);
+                // First from the listing alone, then from the text's own record.
+                let maybe = self.maybe_held(&listed.signature);
+                if self.most_listed(listed.lone_bound, maybe, boost) < kth {
+                    continue;
+                }
                 if self.most(doc, maybe, pcs_boost) >= kth {
                     self.score_text(scratch, doc, Some(maybe));
                 }
@@ -272,8 +277,23 @@ impl Query<'_> {
         }
     }
 
-    /// The most a text's code can score, holding at most the query terms `maybe`.
-    fn most(&self, doc: u32, maybe: u64, pcs_boost: f32) -> f32 {
+    /// [`Self::most`] from a text's lone bound: holding `n` query terms, its coverage factor
+    /// is at most `1 / (1 - w + w / n)` times that of holding one, and its boost is at most
+    /// `boost`.
+    fn most_listed(&self, lone_bound: f32, maybe: u64, boost: f32) -> f32 {
+        let (idf_sum, weight, count) = self.sums(maybe);
+        let answered = (weight / self.query_weight.max(1.0)).min(1.0);
+        let lone_factor = 1.0 / (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT / count.max(1.0));
+        lone_bound
+            * lone_factor
+            * idf_sum
+            * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * answered)
+            * boost
+            * BOUND_SLACK
+    }
+
+    /// Sum of `weight × idf`, sum of weights and count of the query terms `maybe`.
+    fn sums(&self, maybe: u64) -> (f32, f32, f32) {
         let (mut idf_sum, mut weight, mut count) = (0f32, 0f32, 0f32);
         let mut bits = maybe;
         while bits != 0 {
@@ -283,6 +303,12 @@ impl Query<'_> {
             weight += term.weight;
             count += 1.0;
         }
+        (idf_sum, weight, count)
+    }
+
+    /// The most a text's code can score, holding at most the query terms `maybe`.
+    fn most(&self, doc: u32, maybe: u64, pcs_boost: f32) -> f32 {
+        let (idf_sum, weight, count) = self.sums(maybe);
         let text = &self.derived.texts[doc as usize];
         let essential = f32::from(text.essential.max(1));
         let coverage = (count / essential).min(1.0);
@@ -298,8 +324,7 @@ impl Query<'_> {
 
     /// The positions of the query terms that a text's signature does not rule out, as bits
     /// (queries of at most [`MASKED_TERMS`] terms).
-    fn maybe_held(&self, doc: u32) -> u64 {
-        let signature = &self.derived.texts[doc as usize].signature;
+    fn maybe_held(&self, signature: &[u64; 2]) -> u64 {
         let mut maybe = 0u64;
         for (word, (&text_bits, &query_bits)) in signature.iter().zip(&self.signature).enumerate() {
             let mut shared = text_bits & query_bits;

@@ -7,6 +7,7 @@ use std::cell::Cell;
 
 use super::DocRef;
 
+/// The buffers of one search.
 #[derive(Debug, Default)]
 pub(super) struct Scratch {
     /// A bit per indexed text: scored by this search.
@@ -78,8 +79,8 @@ impl Scratch {
         self.scored_texts.push(text);
     }
 
-    /// This thread's buffers, sized for an index of `texts` texts over `cm` and `pcs` codes. A search that panics never gives them back, so a half-used set is
-    /// never reused.
+    /// This thread's buffers, sized for an index of `texts` texts over `cm` and `pcs` codes.
+    /// A search that panics never gives them back, so a half-used set is never reused.
     pub fn take(texts: usize, cm: usize, pcs: usize) -> Box<Self> {
         let mut scratch = SCRATCH.with(Cell::take).unwrap_or_default();
         if scratch.scored.len() * 64 < texts {
