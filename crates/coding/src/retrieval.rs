@@ -53,6 +53,25 @@ pub struct Calibration {
 /// Diagnoses' and procedures' rankings.
 type PerKind = [Ranked; 2];
 
+/// One kind's candidate codes with their signals, each code once, in the order first met.
+#[derive(Debug, Default)]
+struct CandidateSet<'a> {
+    list: Vec<(&'a str, Signals)>,
+    at: HashMap<&'a str, usize>,
+}
+
+impl<'a> CandidateSet<'a> {
+    /// The code's signals, made by `new` when the code is new.
+    fn entry(&mut self, code: &'a str, new: impl FnOnce() -> Signals) -> &mut Signals {
+        let Self { list, at } = self;
+        let i = *at.entry(code).or_insert_with(|| {
+            list.push((code, new()));
+            list.len() - 1
+        });
+        &mut list[i].1
+    }
+}
+
 /// A sparse, L2-normalised term vector: (term id, weight), sorted by term id.
 type SparseVec = Vec<(u32, f32)>;
 
@@ -79,7 +98,8 @@ pub struct RetrievalIndex {
     #[serde(skip)]
     frequent: [Vec<u32>; 2],
     #[serde(skip)]
-    code_index: HashMap<(String, CodeKind), u32>,
+    /// Per kind: code id by name.
+    code_index: [HashMap<String, u32>; 2],
     #[serde(skip)]
     centroids: Centroids,
     #[serde(skip)]
@@ -171,7 +191,7 @@ impl RetrievalIndex {
             rerankers: [None, None],
             codes_of_kind: Default::default(),
             frequent: Default::default(),
-            code_index: HashMap::new(),
+            code_index: Default::default(),
             centroids: Centroids::default(),
             postings: Vec::new(),
         };
@@ -246,12 +266,12 @@ impl RetrievalIndex {
                 .zip(&self.doc_codes)
                 .map(|(vector, per_kind)| (vector, per_kind.iter().flatten().copied())),
         );
-        self.code_index = self
-            .codes
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.clone(), i as u32))
-            .collect();
+        self.code_index = [0, 1].map(|kind| {
+            self.codes_of_kind[kind]
+                .iter()
+                .map(|&c| (self.codes[c as usize].0.clone(), c))
+                .collect()
+        });
         let mut postings = vec![Vec::new(); self.idf.len()];
         for (d, vector) in self.docs.iter().enumerate() {
             for &(term, weight) in vector {
@@ -293,15 +313,16 @@ impl RetrievalIndex {
     }
 
     /// Per kind: every candidate code's signals (the `k` nearest notes' vote shares and the
-    /// lexical matches; `skip`: a fitted note left out, for leave-one-out).
-    fn candidates(
-        &self,
+    /// lexical matches; `skip`: a fitted note left out, for leave-one-out), in the order the
+    /// codes were first met (voted, closest centroids, lexical matches).
+    fn candidates<'a>(
+        &'a self,
         query: &SparseVec,
         sims: &[f32],
         (k, power): (usize, f32),
         skip: Option<usize>,
-        lexical: Option<&PerKind>,
-    ) -> [Vec<(String, Signals)>; 2] {
+        lexical: Option<&'a PerKind>,
+    ) -> [Vec<(&'a str, Signals)>; 2] {
         let mut order: Vec<usize> = (0..sims.len()).filter(|&d| Some(d) != skip).collect();
         let k = k.min(order.len());
         let neighbours = if k == 0 {
@@ -318,9 +339,16 @@ impl RetrievalIndex {
         let n = self.docs.len() as f32;
         let own =
             |code: u32, kind: usize| skip.is_some_and(|d| self.doc_codes[d][kind].contains(&code));
+        let training = |code: u32, kind: usize| {
+            let training = self.prior[code as usize] * n - f32::from(u8::from(own(code, kind)));
+            Signals {
+                training_notes: training.max(0.0),
+                ..Signals::default()
+            }
+        };
         let dots = self.centroids.dots(query);
         std::array::from_fn(|kind| {
-            let mut signals: HashMap<String, Signals> = HashMap::new();
+            let mut signals = CandidateSet::default();
             let mut voted: HashMap<u32, f32> = HashMap::new();
             for (&d, &w) in neighbours.iter().zip(&weights) {
                 for &code in &self.doc_codes[d][kind] {
@@ -330,54 +358,30 @@ impl RetrievalIndex {
             let mut voted: Vec<(u32, f32)> = voted.into_iter().collect();
             voted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             for (rank, (code, share)) in voted.into_iter().enumerate() {
-                let training = self.prior[code as usize] * n - f32::from(u8::from(own(code, kind)));
-                signals.insert(
-                    self.codes[code as usize].0.clone(),
-                    Signals {
-                        knn: share,
-                        knn_rank: rank + 1,
-                        training_notes: training.max(0.0),
-                        ..Signals::default()
-                    },
-                );
+                let entry = signals.entry(&self.codes[code as usize].0, || training(code, kind));
+                entry.knn = share;
+                entry.knn_rank = rank + 1;
             }
             for (rank, (code, sim)) in self
                 .centroid_ranking(&dots, kind, skip)
                 .into_iter()
                 .enumerate()
             {
-                let entry = signals
-                    .entry(self.codes[code as usize].0.clone())
-                    .or_insert_with(|| {
-                        let training =
-                            self.prior[code as usize] * n - f32::from(u8::from(own(code, kind)));
-                        Signals {
-                            training_notes: training.max(0.0),
-                            ..Signals::default()
-                        }
-                    });
+                let entry = signals.entry(&self.codes[code as usize].0, || training(code, kind));
                 entry.centroid = sim;
                 entry.centroid_rank = rank + 1;
             }
             if let Some(lexical) = lexical {
                 for (rank, (code, score)) in lexical[kind].iter().enumerate() {
-                    let entry = signals.entry(code.clone()).or_insert_with(|| {
-                        let training = self
-                            .code_index
-                            .get(&(code.clone(), CodeKind::BOTH[kind]))
-                            .map_or(0.0, |&c| {
-                                self.prior[c as usize] * n - f32::from(u8::from(own(c, kind)))
-                            });
-                        Signals {
-                            training_notes: training.max(0.0),
-                            ..Signals::default()
-                        }
+                    let entry = signals.entry(code, || match self.code_index[kind].get(code) {
+                        Some(&c) => training(c, kind),
+                        None => Signals::default(),
                     });
                     entry.lexical = *score;
                     entry.lexical_rank = rank + 1;
                 }
             }
-            signals.into_iter().collect()
+            signals.list
         })
     }
 
@@ -412,13 +416,13 @@ impl RetrievalIndex {
     /// the reranker's probability where one was fitted, else the vote share.
     fn rank(
         &self,
-        candidates: [Vec<(String, Signals)>; 2],
+        candidates: [Vec<(&str, Signals)>; 2],
         rerankers: &[Option<Reranker>; 2],
     ) -> PerKind {
         let mut kind = 0;
         candidates.map(|list| {
             let reranker = rerankers[kind].as_ref();
-            let mut ranked: Ranked = list
+            let mut ranked: Vec<(&str, f32)> = list
                 .into_iter()
                 .map(|(code, s)| {
                     let score = match reranker {
@@ -430,8 +434,12 @@ impl RetrievalIndex {
                 })
                 .filter(|(_, score)| *score > 0.0)
                 .collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
             ranked.truncate(RANKING_LENGTH);
+            let mut ranked: Ranked = ranked
+                .into_iter()
+                .map(|(code, score)| (code.to_string(), score))
+                .collect();
             for &code in &self.frequent[kind] {
                 if ranked.len() >= RANKING_LENGTH {
                     break;
@@ -508,7 +516,7 @@ impl RetrievalIndex {
                     .flat_map(|(c, g)| {
                         c[kind]
                             .iter()
-                            .map(|(code, s)| (*s, g[kind].contains(&code.as_str())))
+                            .map(|(code, s)| (*s, g[kind].contains(code)))
                             .collect::<Vec<_>>()
                     })
                     .collect();

@@ -1,6 +1,9 @@
 //! Words and sentences of a note with their character offsets (evidence spans point into the
 //! note as the caller gave it), and the stemmed terms retrieval compares notes by.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use rust_stemmers::{Algorithm, Stemmer};
 
 /// A span of the note: `[start, end)` in characters (not bytes), and its text.
@@ -19,6 +22,13 @@ const STOPWORDS: &[&str] = &[
     "before", "during", "patient", "year", "years", "old", "also", "than", "then", "we", "our",
     "not", "no", "day", "days",
 ];
+
+/// Words whose stems a thread keeps before it starts again.
+const MAX_STEMS: usize = 1 << 16;
+
+thread_local! {
+    static STEMS: RefCell<HashMap<String, Option<String>>> = RefCell::default();
+}
 
 /// Turns text into the terms notes are compared by: lower-cased, stemmed words of two or more
 /// characters without stopwords, plus adjacent-word pairs (`left_right`).
@@ -97,11 +107,22 @@ impl Analyzer {
         StemmedWords { words, stems }
     }
 
-    /// A word's stem; `None` for a stop word or a one-character word.
+    /// A word's stem; `None` for a stop word or a one-character word. Each thread keeps the
+    /// stems of the words it has seen (a clinical vocabulary repeats from note to note).
     fn stem(&self, word: &str) -> Option<String> {
-        let lower = word.to_lowercase();
-        (lower.chars().count() >= 2 && !STOPWORDS.contains(&lower.as_str()))
-            .then(|| self.stemmer.stem(&lower).into_owned())
+        STEMS.with_borrow_mut(|stems| {
+            if let Some(stem) = stems.get(word) {
+                return stem.clone();
+            }
+            let lower = word.to_lowercase();
+            let stem = (lower.chars().count() >= 2 && !STOPWORDS.contains(&lower.as_str()))
+                .then(|| self.stemmer.stem(&lower).into_owned());
+            if stems.len() >= MAX_STEMS {
+                stems.clear();
+            }
+            stems.insert(word.to_string(), stem.clone());
+            stem
+        })
     }
 }
 

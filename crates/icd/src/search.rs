@@ -304,7 +304,7 @@ mod tests {
     fn query_expands_abbreviations_and_synonyms() {
         let analyzer = Analyzer::new();
         let terms = analyzer
-            .query_terms("T2DM with CKD", &ProcedureVocabulary::default())
+            .query_terms("T2DM with CKD", &ProcedureVocabulary::default(), 0)
             .terms;
         let words: Vec<&str> = terms.iter().map(|(t, _)| t.as_str()).collect();
         assert!(words.contains(&"diabet") && words.contains(&"2") && words.contains(&"kidney"));

@@ -321,14 +321,17 @@ fn keys_rate_limits_cors_queue_and_timeouts() {
     let a = get_with(&url("/health"), &[("origin", "https://evil.example")]);
     assert_eq!(a.cors, None);
 
-    // A request timeout far shorter than coding a large batch on one worker: 504.
+    // A request timeout far shorter than coding one note of a batch on one worker: 504. (The
+    // timeout is per answer awaited, so one note must take longer than it: ~700k characters,
+    // tens of milliseconds, against 5 ms.)
     let mut config = corpus.config();
     config.limits.request_timeout_s = 0.005;
     config.limits.workers = 1;
-    config.limits.max_batch_notes = 256;
+    config.limits.max_note_chars = 1_000_000;
+    config.limits.max_body_bytes = 16 << 20;
     let fast = TestServer::start(config, corpus.home.root(), true);
-    let notes: Vec<Value> = (0..256)
-        .map(|i| json!({"text": format!("{} ", THEMES[i % 3].0).repeat(80)}))
+    let notes: Vec<Value> = (0..4)
+        .map(|i| json!({"text": format!("{} ", THEMES[i % 3].0).repeat(8000)}))
         .collect();
     let a = post(&fast.url("/v1/code/batch"), &json!(notes));
     assert_eq!(a.status, 504, "{}", &a.body[..a.body.len().min(500)]);

@@ -2,10 +2,10 @@
 //! computed on the first search rather than stored, so the knowledge base cache keeps its
 //! format.
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::query::Analyzer;
-use super::{SearchIndex, B, COVERAGE_WEIGHT, K1};
+use super::{DocRef, SearchIndex, B, COVERAGE_WEIGHT, K1};
 use crate::cm::CmCodeSet;
 use crate::notes::NoteKind;
 
@@ -21,10 +21,38 @@ fn lone_coverage(essential: u16) -> f32 {
     1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * coverage
 }
 
+/// A text in a term's list, with what deciding on it mostly needs: lists are read in order,
+/// texts' own records are not (most texts a query reads are passed over on these alone).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Listed {
+    pub doc: u32,
+    /// The text's bound times the coverage factor of a text that holds one query term.
+    pub lone_bound: f32,
+    /// The bits of its terms' [`signature_bit`]s. A term whose bit is not set is not in the
+    /// text; one whose bit is set may be.
+    pub signature: [u64; 2],
+}
+
+/// What the search reads of a text to decide on it once its listing allows, and to score it.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(align(16))]
+pub(super) struct TextInfo {
+    /// Its weight times the largest `tf (K1 + 1) / (tf + K1 norm)` of its terms: this times
+    /// the sum of `weight × idf` of the query terms it may hold bounds its score.
+    pub bound: f32,
+    /// `K1 * norm`, BM25's length normalization.
+    pub k1_norm: f32,
+    /// Distinct essential terms (the index's `doc_essential`).
+    pub essential: u16,
+    pub is_pcs: bool,
+}
+
 #[derive(Debug, Clone, Default)]
 pub(super) struct Derived {
-    /// Per text: `K1 * norm`, BM25's length normalization.
-    pub k1_norm: Vec<f32>,
+    /// Tells this index from the others of the process (for what threads keep of it).
+    pub id: u64,
+    /// Per text.
+    pub texts: Vec<TextInfo>,
     /// Per text: where its terms start in `text_terms` (one more entry than texts).
     text_terms_start: Vec<u32>,
     /// Each text's (term, term frequency), sorted by term: the postings turned around.
@@ -32,31 +60,26 @@ pub(super) struct Derived {
     /// Per term: the largest `tf (K1 + 1) / (tf + K1 norm)` of its postings, so that
     /// `weight × idf × term_max` bounds what the term adds to any text's score.
     pub term_max: Vec<f32>,
-    /// Per text: its weight times the largest `tf (K1 + 1) / (tf + K1 norm)` of its terms,
-    /// so that this times the sum of `weight × idf` of the query terms it may hold bounds its
-    /// score.
-    pub text_bound: Vec<f32>,
-    /// Per text: the bits of its terms' [`signature_bit`]s. A term whose bit is not set is
-    /// not in the text; one whose bit is set may be.
-    signatures: Vec<[u64; 2]>,
     /// Per term: where its texts start in `by_lone_bound` (one more entry than terms).
     term_start: Vec<u32>,
-    /// Per text: `text_bound` times the coverage factor of a text that holds one query term
-    /// only.
-    pub lone_bound: Vec<f32>,
-    /// Each term's texts by `lone_bound`, highest first: read in this order, the texts that
-    /// can still make a query's answer come before those that cannot.
-    by_lone_bound: Vec<u32>,
-    /// Per CM entry that has them: the terms of its "… NOS" inclusion terms.
-    nos_terms: HashMap<u32, Vec<Vec<String>>>,
+    /// Each term's texts by their lone bound, highest first: read in this order, the texts
+    /// that can still make a query's answer come before those that cannot.
+    by_lone_bound: Vec<Listed>,
+    /// Per CM entry: where the terms of its "… NOS" inclusion terms start in `nos_terms`
+    /// (one more entry than CM entries).
+    nos_start: Vec<u32>,
+    nos_terms: Vec<Vec<String>>,
 }
 
 impl Derived {
     pub fn new(index: &SearchIndex, cm: &CmCodeSet) -> Self {
-        let k1_norm: Vec<f32> = index
-            .doc_len
-            .iter()
-            .map(|len| K1 * (1.0 - B + B * len / index.avg_len))
+        let mut texts: Vec<TextInfo> = (0..index.docs.len())
+            .map(|doc| TextInfo {
+                bound: 0.0,
+                k1_norm: K1 * (1.0 - B + B * index.doc_len[doc] / index.avg_len),
+                essential: index.doc_essential[doc],
+                is_pcs: matches!(index.docs[doc], DocRef::Pcs(_)),
+            })
             .collect();
         let mut counts = vec![0u32; index.docs.len() + 1];
         for postings in &index.postings {
@@ -72,7 +95,6 @@ impl Derived {
         let total = text_terms_start.last().copied().unwrap_or(0) as usize;
         let mut text_terms = vec![(0u32, 0f32); total];
         let mut term_max = Vec::with_capacity(index.postings.len());
-        let mut text_bound = vec![0f32; index.docs.len()];
         let mut signatures = vec![[0u64; 2]; index.docs.len()];
         for (term, postings) in index.postings.iter().enumerate() {
             let mut max = 0f32;
@@ -80,57 +102,61 @@ impl Derived {
                 let slot = &mut fill[doc as usize];
                 text_terms[*slot as usize] = (term as u32, tf);
                 *slot += 1;
-                let factor = tf * (K1 + 1.0) / (tf + k1_norm[doc as usize]);
+                let text = &mut texts[doc as usize];
+                let factor = tf * (K1 + 1.0) / (tf + text.k1_norm);
                 max = max.max(factor);
-                let bound = &mut text_bound[doc as usize];
-                *bound = bound.max(factor * index.doc_weight[doc as usize]);
+                text.bound = text.bound.max(factor * index.doc_weight[doc as usize]);
                 let (word, bit) = signature_bit(term as u32);
                 signatures[doc as usize][word] |= bit;
             }
             term_max.push(max);
         }
         let mut term_start = Vec::with_capacity(index.postings.len() + 1);
+        let mut by_lone_bound: Vec<Listed> = Vec::with_capacity(total);
         term_start.push(0);
         for postings in &index.postings {
-            term_start.push(term_start.last().copied().unwrap_or(0) + postings.len() as u32);
-        }
-        let lone_bound: Vec<f32> = (0..index.docs.len())
-            .map(|doc| text_bound[doc] * lone_coverage(index.doc_essential[doc]))
-            .collect();
-        let mut by_lone_bound = Vec::with_capacity(total);
-        for postings in &index.postings {
-            let mut texts: Vec<(f32, u32)> = postings
-                .iter()
-                .map(|&(doc, _)| (lone_bound[doc as usize], doc))
-                .collect();
-            texts.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            by_lone_bound.extend(texts.into_iter().map(|(_, doc)| doc));
+            let start = by_lone_bound.len();
+            by_lone_bound.extend(postings.iter().map(|&(doc, _)| {
+                let text = &texts[doc as usize];
+                Listed {
+                    doc,
+                    lone_bound: text.bound * lone_coverage(text.essential),
+                    signature: signatures[doc as usize],
+                }
+            }));
+            by_lone_bound[start..].sort_unstable_by(|a, b| {
+                b.lone_bound
+                    .total_cmp(&a.lone_bound)
+                    .then(a.doc.cmp(&b.doc))
+            });
+            term_start.push(by_lone_bound.len() as u32);
         }
         let analyzer = Analyzer::new();
-        let mut nos_terms: HashMap<u32, Vec<Vec<String>>> = HashMap::new();
-        for (i, entry) in cm.entries.iter().enumerate() {
-            let lists: Vec<Vec<String>> = entry
-                .notes
-                .iter()
-                .filter(|n| matches!(n.kind, NoteKind::InclusionTerm | NoteKind::Includes))
-                .filter(|n| n.text.split_whitespace().any(|w| w == "NOS"))
-                .map(|n| analyzer.terms(&n.text))
-                .filter(|terms| !terms.is_empty())
-                .collect();
-            if !lists.is_empty() {
-                nos_terms.insert(i as u32, lists);
-            }
+        let mut nos_start = Vec::with_capacity(cm.entries.len() + 1);
+        let mut nos_terms: Vec<Vec<String>> = Vec::new();
+        nos_start.push(0);
+        for entry in &cm.entries {
+            nos_terms.extend(
+                entry
+                    .notes
+                    .iter()
+                    .filter(|n| matches!(n.kind, NoteKind::InclusionTerm | NoteKind::Includes))
+                    .filter(|n| n.text.split_whitespace().any(|w| w == "NOS"))
+                    .map(|n| analyzer.terms(&n.text))
+                    .filter(|terms| !terms.is_empty()),
+            );
+            nos_start.push(nos_terms.len() as u32);
         }
+        static INDEXES: AtomicU64 = AtomicU64::new(1);
         Self {
-            k1_norm,
+            id: INDEXES.fetch_add(1, Ordering::Relaxed),
+            texts,
             text_terms_start,
             text_terms,
             term_max,
-            text_bound,
-            signatures,
             term_start,
-            lone_bound,
             by_lone_bound,
+            nos_start,
             nos_terms,
         }
     }
@@ -142,12 +168,8 @@ impl Derived {
         &self.text_terms[start..end]
     }
 
-    pub fn signature(&self, doc: u32) -> &[u64; 2] {
-        &self.signatures[doc as usize]
-    }
-
-    /// The texts a term is in, by [`Self::lone_bound`], highest first.
-    pub fn texts_by_lone_bound(&self, term: u32) -> &[u32] {
+    /// The texts a term is in with their lone bounds, highest first.
+    pub fn texts_by_lone_bound(&self, term: u32) -> &[Listed] {
         &self.by_lone_bound[self.term_range(term)]
     }
 
@@ -157,6 +179,8 @@ impl Derived {
 
     /// The terms of the "… NOS" inclusion terms written at one CM entry.
     pub fn nos_terms(&self, index: u32) -> &[Vec<String>] {
-        self.nos_terms.get(&index).map_or(&[], Vec::as_slice)
+        let start = self.nos_start[index as usize] as usize;
+        let end = self.nos_start[index as usize + 1] as usize;
+        &self.nos_terms[start..end]
     }
 }

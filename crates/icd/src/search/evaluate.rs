@@ -23,7 +23,7 @@ use std::ops::Range;
 
 use super::derived::{signature_bit, Derived};
 use super::query::Analyzer;
-use super::scratch::{Scratch, TextHits};
+use super::scratch::Scratch;
 use super::{
     doc_code, DocRef, RankedDoc, SearchFilter, SearchIndex, COVERAGE_WEIGHT, INDEX_ONLY_SCORE,
     INDEX_TABLE_BOOST, K1, MAX_TABLE_CODES, NOS_BOOST, RERANK_DEPTH,
@@ -36,6 +36,16 @@ use crate::CodeSystem;
 const MASKED_TERMS: usize = 64;
 /// Slack on the bound for the rounding of sums of `f32`s.
 const BOUND_SLACK: f32 = 1.001;
+
+/// What the query's terms give one indexed text.
+#[derive(Debug, Clone, Copy, Default)]
+struct TextHits {
+    score: f32,
+    /// Sum of the weights of the query terms it holds.
+    matched_weight: f32,
+    /// Query terms it holds.
+    matched: u16,
+}
 
 /// A query term the index knows.
 struct QueryTerm {
@@ -90,7 +100,7 @@ pub(super) fn search(
     pruning: Pruning,
 ) -> Vec<RankedDoc> {
     let analyzer = Analyzer::new();
-    let parsed = analyzer.query_terms(text, &index.procedures);
+    let parsed = analyzer.query_terms(text, &index.procedures, derived.id);
     let n = index.docs.len() as f32;
     let query_weight: f32 = parsed
         .terms
@@ -176,8 +186,13 @@ pub(super) fn search(
             }
         }
     }
-    ranked.sort_by(by_score);
+    // `by_score` is a total order (codes are unique), so the first `limit` are the same
+    // whichever sort finds them.
+    if limit > 0 && ranked.len() > limit {
+        ranked.select_nth_unstable_by(limit - 1, by_score);
+    }
     ranked.truncate(limit);
+    ranked.sort_unstable_by(by_score);
     ranked
 }
 
@@ -236,20 +251,25 @@ impl Query<'_> {
             }
             let idf_sum: f32 = rest.iter().map(|&i| self.terms[i].weighted_idf).sum();
             let scale = idf_sum * answered * lone_factor * boost * BOUND_SLACK;
-            for &doc in self.derived.texts_by_lone_bound(self.terms[next].id) {
+            for listed in self.derived.texts_by_lone_bound(self.terms[next].id) {
+                let doc = listed.doc;
                 let kth = self.kth(scratch);
                 // Bounds what this text, and every text after it, can score.
-                if self.derived.lone_bound[doc as usize] * scale < kth {
+                if listed.lone_bound * scale < kth {
                     break;
                 }
-                if scratch.texts[doc as usize].matched != 0 {
+                if scratch.is_scored(doc) {
                     continue;
                 }
                 if self.terms.len() > MASKED_TERMS {
                     self.score_text(scratch, doc, None);
                     continue;
                 }
-                let maybe = self.maybe_held(doc);
+                // First from the listing alone, then from the text's own record.
+                let maybe = self.maybe_held(&listed.signature);
+                if self.most_listed(listed.lone_bound, maybe, boost) < kth {
+                    continue;
+                }
                 if self.most(doc, maybe, pcs_boost) >= kth {
                     self.score_text(scratch, doc, Some(maybe));
                 }
@@ -257,8 +277,23 @@ impl Query<'_> {
         }
     }
 
-    /// The most a text's code can score, holding at most the query terms `maybe`.
-    fn most(&self, doc: u32, maybe: u64, pcs_boost: f32) -> f32 {
+    /// [`Self::most`] from a text's lone bound: holding `n` query terms, its coverage factor
+    /// is at most `1 / (1 - w + w / n)` times that of holding one, and its boost is at most
+    /// `boost`.
+    fn most_listed(&self, lone_bound: f32, maybe: u64, boost: f32) -> f32 {
+        let (idf_sum, weight, count) = self.sums(maybe);
+        let answered = (weight / self.query_weight.max(1.0)).min(1.0);
+        let lone_factor = 1.0 / (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT / count.max(1.0));
+        lone_bound
+            * lone_factor
+            * idf_sum
+            * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * answered)
+            * boost
+            * BOUND_SLACK
+    }
+
+    /// Sum of `weight × idf`, sum of weights and count of the query terms `maybe`.
+    fn sums(&self, maybe: u64) -> (f32, f32, f32) {
         let (mut idf_sum, mut weight, mut count) = (0f32, 0f32, 0f32);
         let mut bits = maybe;
         while bits != 0 {
@@ -268,14 +303,18 @@ impl Query<'_> {
             weight += term.weight;
             count += 1.0;
         }
-        let essential = f32::from(self.index.doc_essential[doc as usize].max(1));
+        (idf_sum, weight, count)
+    }
+
+    /// The most a text's code can score, holding at most the query terms `maybe`.
+    fn most(&self, doc: u32, maybe: u64, pcs_boost: f32) -> f32 {
+        let (idf_sum, weight, count) = self.sums(maybe);
+        let text = &self.derived.texts[doc as usize];
+        let essential = f32::from(text.essential.max(1));
         let coverage = (count / essential).min(1.0);
         let answered = (weight / self.query_weight.max(1.0)).min(1.0);
-        let boost = match self.index.docs[doc as usize] {
-            DocRef::Cm(_) => NOS_BOOST,
-            DocRef::Pcs(_) => pcs_boost,
-        };
-        self.derived.text_bound[doc as usize]
+        let boost = if text.is_pcs { pcs_boost } else { NOS_BOOST };
+        text.bound
             * idf_sum
             * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * coverage)
             * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * answered)
@@ -285,8 +324,7 @@ impl Query<'_> {
 
     /// The positions of the query terms that a text's signature does not rule out, as bits
     /// (queries of at most [`MASKED_TERMS`] terms).
-    fn maybe_held(&self, doc: u32) -> u64 {
-        let signature = self.derived.signature(doc);
+    fn maybe_held(&self, signature: &[u64; 2]) -> u64 {
         let mut maybe = 0u64;
         for (word, (&text_bits, &query_bits)) in signature.iter().zip(&self.signature).enumerate() {
             let mut shared = text_bits & query_bits;
@@ -302,7 +340,7 @@ impl Query<'_> {
     /// rule out; every term where `None`), summed in query order, and raises its code.
     fn score_text(&self, scratch: &mut Scratch, doc: u32, maybe: Option<u64>) {
         let own = self.derived.terms_of(doc);
-        let k1_norm = self.derived.k1_norm[doc as usize];
+        let k1_norm = self.derived.texts[doc as usize].k1_norm;
         let mut hits = TextHits::default();
         let mut add = |term: &QueryTerm| {
             if let Ok(at) = own.binary_search_by_key(&term.id, |(t, _)| *t) {
@@ -321,8 +359,7 @@ impl Query<'_> {
             }
             None => self.terms.iter().for_each(add),
         }
-        scratch.texts[doc as usize] = hits;
-        scratch.touched_texts.push(doc);
+        scratch.mark_scored(doc);
         let i = doc as usize;
         let index = self.index;
         // Texts that the query covers whole rank first: "pneumonia" is J18.9 "Pneumonia,

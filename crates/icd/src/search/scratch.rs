@@ -7,21 +7,12 @@ use std::cell::Cell;
 
 use super::DocRef;
 
-/// What the query's terms gave one indexed text.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct TextHits {
-    pub score: f32,
-    /// Sum of the weights of the query terms it contains.
-    pub matched_weight: f32,
-    /// Query terms it contains (0: untouched).
-    pub matched: u16,
-}
-
+/// The buffers of one search.
 #[derive(Debug, Default)]
 pub(super) struct Scratch {
-    /// Per indexed text.
-    pub texts: Vec<TextHits>,
-    pub touched_texts: Vec<u32>,
+    /// A bit per indexed text: scored by this search.
+    scored: Vec<u64>,
+    scored_texts: Vec<u32>,
     /// Per CM entry and per PCS code: the best score of its texts (0: untouched).
     pub best_cm: Vec<f32>,
     pub best_pcs: Vec<f32>,
@@ -79,12 +70,21 @@ thread_local! {
 }
 
 impl Scratch {
-    /// This thread's buffers, sized for an index of `texts` texts over `cm` and `pcs` codes. A search that panics never gives them back, so a half-used set is
-    /// never reused.
+    pub fn is_scored(&self, text: u32) -> bool {
+        self.scored[text as usize / 64] & (1 << (text % 64)) != 0
+    }
+
+    pub fn mark_scored(&mut self, text: u32) {
+        self.scored[text as usize / 64] |= 1 << (text % 64);
+        self.scored_texts.push(text);
+    }
+
+    /// This thread's buffers, sized for an index of `texts` texts over `cm` and `pcs` codes.
+    /// A search that panics never gives them back, so a half-used set is never reused.
     pub fn take(texts: usize, cm: usize, pcs: usize) -> Box<Self> {
         let mut scratch = SCRATCH.with(Cell::take).unwrap_or_default();
-        if scratch.texts.len() < texts {
-            scratch.texts.resize(texts, TextHits::default());
+        if scratch.scored.len() * 64 < texts {
+            scratch.scored.resize(texts.div_ceil(64), 0);
         }
         if scratch.best_cm.len() < cm {
             scratch.best_cm.resize(cm, 0.0);
@@ -97,10 +97,10 @@ impl Scratch {
 
     /// Zero what the search touched and keep the buffers for the thread's next search.
     pub fn give_back(mut self: Box<Self>) {
-        for &text in &self.touched_texts {
-            self.texts[text as usize] = TextHits::default();
+        for &text in &self.scored_texts {
+            self.scored[text as usize / 64] = 0;
         }
-        self.touched_texts.clear();
+        self.scored_texts.clear();
         for &doc in &self.touched {
             match doc {
                 DocRef::Cm(i) => self.best_cm[i as usize] = 0.0,
