@@ -9,7 +9,7 @@ use std::sync::Arc;
 use medcoder_assets::{MedcoderHome, ModelRef};
 use medcoder_icd::cm::CmKind;
 use medcoder_icd::IcdKnowledge;
-use medcoder_models::DeviceSpec;
+use medcoder_models::{DeviceSpec, SentenceEmbedder};
 use medcoder_store::{Split, Store};
 use medcoder_train::PromptTemplate;
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,8 @@ use crate::lexical::Lexicon;
 use crate::llm::LlmEngine;
 use crate::model_answer::AllowedSet;
 use crate::openai::{OpenaiConfig, OpenaiEngine};
-use crate::retrieval::{LabelledNote, RetrievalIndex};
+use crate::prediction::CodeDescriber;
+use crate::retrieval::{FitAids, LabelledNote, RetrievalIndex};
 use crate::{CodeKind, CodingError, NotePrediction};
 
 /// Which engine codes the notes.
@@ -112,6 +113,10 @@ pub struct EngineConfig {
     pub max_prompt_tokens: usize,
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,
+    /// retrieval: the sentence embedder for its semantic signals: `auto` (the `minilm-l6`
+    /// asset when installed, else none, saying so), `none`, an asset id or a
+    /// sentence-transformers folder.
+    pub embedder: String,
     /// openai: the endpoint, model, API key variable, timeout and retries.
     pub openai: OpenaiConfig,
 }
@@ -129,6 +134,7 @@ impl Default for EngineConfig {
             allowed: AllowedCodes::Dataset,
             max_prompt_tokens: 2048,
             device: "auto".into(),
+            embedder: "auto".into(),
             openai: OpenaiConfig::default(),
         }
     }
@@ -153,7 +159,7 @@ impl EngineConfig {
 }
 
 enum Engine {
-    Retrieval(Box<RetrievalIndex>),
+    Retrieval(Box<RetrievalIndex>, Option<Box<SentenceEmbedder>>),
     Llm(Box<LlmEngine>),
     Openai(Box<OpenaiEngine>),
 }
@@ -192,9 +198,20 @@ impl Coder {
                 }
                 let (db, dataset) = config.dataset_source()?;
                 let lexicon = kb.as_deref().map(|kb| kb as &dyn Lexicon);
-                let index = retrieval_index(db, dataset, &config.fit_splits, lexicon)?;
+                let embedder = sentence_embedder(&config.embedder, home)?;
+                let describe = describer(kb.as_deref());
+                let aids = FitAids {
+                    lexicon,
+                    embedder: embedder
+                        .as_ref()
+                        .map(|e| (e, &describe as &CodeDescriber<'_>)),
+                };
+                let index = retrieval_index(db, dataset, &config.fit_splits, aids)?;
                 let description = format!("retrieval fitted on {}", index.fitted_on);
-                (Engine::Retrieval(Box::new(index)), description)
+                (
+                    Engine::Retrieval(Box::new(index), embedder.map(Box::new)),
+                    description,
+                )
             }
             EngineKind::Llm => {
                 let engine = llm_engine(config, kb.as_deref(), home)?;
@@ -243,9 +260,9 @@ impl Coder {
         }
         let describe = describer(self.kb.as_deref());
         let mut prediction = match &self.engine {
-            Engine::Retrieval(index) => {
+            Engine::Retrieval(index, embedder) => {
                 let lexicon = self.kb.as_deref().map(|kb| kb as &dyn Lexicon);
-                index.predict(id, text, &describe, lexicon)
+                index.predict(id, text, &describe, lexicon, embedder.as_deref())?
             }
             Engine::Llm(engine) => {
                 engine.predict_unless_cancelled(id, text, &describe, cancelled)?
@@ -315,7 +332,7 @@ impl Coder {
     /// Whether notes may be coded in parallel (the llm engine uses every core for one; the
     /// openai engine waits on the network).
     pub fn parallel(&self) -> bool {
-        matches!(self.engine, Engine::Retrieval(_) | Engine::Openai(_))
+        matches!(self.engine, Engine::Retrieval(..) | Engine::Openai(_))
     }
 
     pub fn code_sets(&self) -> Option<&IcdKnowledge> {
@@ -395,15 +412,21 @@ fn retrieval_index(
     db: &Path,
     dataset: &str,
     fit_splits: &[String],
-    lexicon: Option<&dyn Lexicon>,
+    aids: FitAids<'_>,
 ) -> Result<RetrievalIndex, CodingError> {
     let (notes, names) = fit_notes(db, dataset, fit_splits)?;
+    // With and without sentence embeddings, an index is fitted differently: kept apart.
     let cache = db.with_file_name(format!(
-        "{}.retrieval.{dataset}.{}.json",
+        "{}.retrieval.{dataset}.{}{}.json",
         db.file_stem().and_then(|s| s.to_str()).unwrap_or("db"),
-        names.join("+")
+        names.join("+"),
+        if aids.embedder.is_some() {
+            ".embedded"
+        } else {
+            ""
+        }
     ));
-    let fingerprint = RetrievalIndex::fingerprint_of(&notes, lexicon.is_some());
+    let fingerprint = RetrievalIndex::fingerprint_of(&notes, &aids);
     if let Ok(text) = fs_err::read_to_string(&cache) {
         match RetrievalIndex::from_json(&text) {
             Ok(index) if index.fingerprint == fingerprint => {
@@ -414,7 +437,7 @@ fn retrieval_index(
         }
     }
     let fitted_on = format!("{dataset} {} ({} notes)", names.join("+"), notes.len());
-    let index = RetrievalIndex::fit(&notes, fitted_on, lexicon).map_err(|e| {
+    let index = RetrievalIndex::fit(&notes, fitted_on, aids).map_err(|e| {
         CodingError::Invalid(format!(
             "fitting the retrieval engine on {} of {}: {e}",
             names.join("+"),
@@ -428,6 +451,41 @@ fn retrieval_index(
     medcoder_train::atomic::write_file(&cache, json.as_bytes())
         .map_err(|e| CodingError::Invalid(format!("{}: {e}", cache.display())))?;
     Ok(index)
+}
+
+/// The retrieval engine's sentence embedder as `choice` names it (see
+/// [`EngineConfig::embedder`]).
+fn sentence_embedder(
+    choice: &str,
+    home: &MedcoderHome,
+) -> Result<Option<SentenceEmbedder>, CodingError> {
+    const DEFAULT: &str = "minilm-l6";
+    let dir = match choice {
+        "none" => return Ok(None),
+        "auto" => {
+            let dir = home.asset_dir(DEFAULT);
+            if !dir.join("model.safetensors").is_file() {
+                tracing::warn!(
+                    "the {DEFAULT} asset is not installed: the retrieval engine goes without sentence \
+                     embeddings (run `medcoder assets fetch`)"
+                );
+                return Ok(None);
+            }
+            dir
+        }
+        other if medcoder_assets::asset_spec(other).is_some() => home.asset_dir(other),
+        path => PathBuf::from(path),
+    };
+    if !dir.join("model.safetensors").is_file() {
+        return Err(CodingError::Invalid(format!(
+            "embedder `{choice}`: {} has no model.safetensors (an asset id needs `medcoder assets fetch`; \
+             a folder must hold a sentence-transformers checkpoint)",
+            dir.display()
+        )));
+    }
+    SentenceEmbedder::load(&dir, &candle_core::Device::Cpu)
+        .map(Some)
+        .map_err(|e| CodingError::Invalid(format!("embedder `{choice}`: {e}")))
 }
 
 fn llm_engine(

@@ -20,9 +20,17 @@ pub(crate) struct Signals {
     /// Cosine similarity to the centroid of the fitted notes carrying the code.
     pub centroid: f32,
     pub centroid_rank: usize,
+    /// Share of the vote of the fitted notes closest by sentence embeddings.
+    pub semantic_knn: f32,
+    pub semantic_knn_rank: usize,
+    /// Cosine between the code's description and its best-matching sentence of the note
+    /// (sentence embeddings), 0 without them.
+    pub description: f32,
+    /// 1-based rank among the codes whose descriptions match the note best, 0 when not there.
+    pub description_rank: usize,
 }
 
-const FEATURES: usize = 13;
+const FEATURES: usize = 19;
 
 fn features(s: &Signals) -> [f32; FEATURES] {
     let inv = |r: usize| if r == 0 { 0.0 } else { 1.0 / r as f32 };
@@ -40,6 +48,12 @@ fn features(s: &Signals) -> [f32; FEATURES] {
         s.centroid,
         inv(s.centroid_rank),
         s.centroid * s.knn,
+        s.semantic_knn,
+        s.semantic_knn.sqrt(),
+        inv(s.semantic_knn_rank),
+        s.description,
+        inv(s.description_rank),
+        s.description * f32::from(u8::from(s.lexical_rank > 0)),
     ]
 }
 
@@ -135,6 +149,7 @@ mod tests {
                 training_notes: 3.0,
                 centroid: if good { 0.5 } else { 0.2 },
                 centroid_rank: if good { 1 } else { 9 },
+                ..Signals::default()
             };
             examples.push((s, good));
         }

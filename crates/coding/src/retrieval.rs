@@ -22,9 +22,12 @@ use crate::CodingError;
 
 mod centroids;
 mod evidence;
+mod semantic;
 
 use centroids::Centroids;
 use evidence::NoteSentences;
+use medcoder_models::SentenceEmbedder;
+use semantic::{embed_notes, embedder_name, SemanticIndex, SemanticMatch};
 
 /// A note with its gold codes, to fit the index on.
 #[derive(Debug, Clone)]
@@ -91,6 +94,10 @@ pub struct RetrievalIndex {
     /// Share of the fitted notes carrying each code.
     prior: Vec<f32>,
     rerankers: [Option<Reranker>; 2],
+    /// Sentence embeddings of the fitted notes and codes' descriptions, when fitted with an
+    /// embedder.
+    #[serde(default)]
+    semantic: Option<SemanticIndex>,
     /// Per kind: every code id of that kind.
     #[serde(skip)]
     codes_of_kind: [Vec<u32>; 2],
@@ -108,17 +115,52 @@ pub struct RetrievalIndex {
 
 /// Bumped whenever what the index holds or how it scores changes, so that caches of an older
 /// build are refitted rather than misread.
-const INDEX_FORMAT: u32 = 5;
+const INDEX_FORMAT: u32 = 6;
 
 /// Codes in a ranking (the tail filled with frequent codes).
 const RANKING_LENGTH: usize = 50;
 /// Candidates taken from the closest code centroids, per kind.
 const CENTROID_CANDIDATES: usize = 30;
+/// Candidates taken from the code descriptions closest to a sentence of the note, per kind.
+const DESCRIPTION_CANDIDATES: usize = 30;
+/// Fitted notes voting by sentence-embedding similarity, and the softmax temperature of
+/// their cosines (embedding cosines between notes crowd into a narrow band).
+const SEMANTIC_NEIGHBOURS: usize = 20;
+const SEMANTIC_TEMPERATURE: f32 = 0.05;
+
+/// What the retrieval engine is fitted with besides the notes.
+#[derive(Clone, Copy, Default)]
+pub struct FitAids<'a> {
+    /// The ICD index's lexical matches (the code sets installed).
+    pub lexicon: Option<&'a dyn Lexicon>,
+    /// A sentence embedder and the code descriptions it embeds.
+    pub embedder: Option<(&'a SentenceEmbedder, &'a CodeDescriber<'a>)>,
+}
+
+impl std::fmt::Debug for FitAids<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.signature())
+    }
+}
+
+impl FitAids<'_> {
+    /// What a fitted index depends on besides the notes, for its fingerprint.
+    fn signature(&self) -> String {
+        let mut signature = String::new();
+        if self.lexicon.is_some() {
+            signature.push_str("+lexical");
+        }
+        if let Some((embedder, _)) = self.embedder {
+            signature.push_str(&format!("+{}", embedder_name(embedder)));
+        }
+        signature
+    }
+}
 
 impl RetrievalIndex {
-    /// Hash of what [`Self::fit`] would be fitted on (`lexical`: with a lexicon, which the
-    /// calibration depends on).
-    pub fn fingerprint_of(notes: &[LabelledNote], lexical: bool) -> String {
+    /// Hash of what [`Self::fit`] would be fitted on (the aids: the calibration depends on
+    /// them).
+    pub fn fingerprint_of(notes: &[LabelledNote], aids: &FitAids<'_>) -> String {
         let mut hash = Sha256::new();
         hash.update(INDEX_FORMAT.to_le_bytes());
         for note in notes {
@@ -131,14 +173,14 @@ impl RetrievalIndex {
                 hash.update([1]);
             }
         }
-        let lexical = if lexical { "+lexical" } else { "" };
-        format!("{}{lexical}", hex::encode(hash.finalize()))
+        hash.update(aids.signature().as_bytes());
+        hex::encode(hash.finalize())
     }
 
     pub fn fit(
         notes: &[LabelledNote],
         fitted_on: String,
-        lexicon: Option<&dyn Lexicon>,
+        aids: FitAids<'_>,
     ) -> Result<Self, CodingError> {
         if notes.len() < 2 {
             return Err(CodingError::Invalid(format!(
@@ -173,7 +215,7 @@ impl RetrievalIndex {
             .collect();
         let mut index = Self {
             fitted_on,
-            fingerprint: Self::fingerprint_of(notes, lexicon.is_some()),
+            fingerprint: Self::fingerprint_of(notes, &aids),
             calibration: Calibration {
                 neighbours: 10,
                 power: 1.0,
@@ -189,6 +231,7 @@ impl RetrievalIndex {
             codes: Vec::new(),
             prior: Vec::new(),
             rerankers: [None, None],
+            semantic: None,
             codes_of_kind: Default::default(),
             frequent: Default::default(),
             code_index: Default::default(),
@@ -224,9 +267,27 @@ impl RetrievalIndex {
             }
         }
         index.derive_tables();
-        let lexical: Option<Vec<PerKind>> =
-            lexicon.map(|l| notes.par_iter().map(|n| l.candidates(&n.text)).collect());
-        index.calibrate(lexical.as_deref());
+        let lexical: Option<Vec<PerKind>> = aids
+            .lexicon
+            .map(|l| notes.par_iter().map(|n| l.candidates(&n.text)).collect());
+        let semantic = match aids.embedder {
+            Some((embedder, describe)) => {
+                let texts: Vec<&str> = notes.iter().map(|n| n.text.as_str()).collect();
+                let embedded = embed_notes(embedder, &texts)?;
+                let descriptions: Vec<Option<String>> = index
+                    .codes
+                    .iter()
+                    .map(|(code, kind)| describe(code, *kind).map(|(d, _)| d))
+                    .collect();
+                let semantic = SemanticIndex::build(embedder, &embedded, &descriptions)?;
+                let matches: Vec<SemanticMatch> =
+                    embedded.iter().map(|n| semantic.match_note(n)).collect();
+                index.semantic = Some(semantic);
+                Some(matches)
+            }
+            None => None,
+        };
+        index.calibrate(lexical.as_deref(), semantic.as_deref());
         Ok(index)
     }
 
@@ -234,6 +295,9 @@ impl RetrievalIndex {
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         let mut index: Self = serde_json::from_str(text)?;
         index.derive_tables();
+        if let Some(semantic) = &mut index.semantic {
+            semantic.derive_tables();
+        }
         Ok(index)
     }
 
@@ -322,6 +386,7 @@ impl RetrievalIndex {
         (k, power): (usize, f32),
         skip: Option<usize>,
         lexical: Option<&'a PerKind>,
+        semantic: Option<&SemanticMatch>,
     ) -> [Vec<(&'a str, Signals)>; 2] {
         let mut order: Vec<usize> = (0..sims.len()).filter(|&d| Some(d) != skip).collect();
         let k = k.min(order.len());
@@ -347,6 +412,7 @@ impl RetrievalIndex {
             }
         };
         let dots = self.centroids.dots(query);
+        let semantic_votes = semantic.map(|m| self.semantic_neighbours(&m.notes, skip));
         std::array::from_fn(|kind| {
             let mut signals = CandidateSet::default();
             let mut voted: HashMap<u32, f32> = HashMap::new();
@@ -381,8 +447,77 @@ impl RetrievalIndex {
                     entry.lexical_rank = rank + 1;
                 }
             }
+            if let (Some(m), Some(neighbours)) = (semantic, &semantic_votes) {
+                self.add_semantic_signals(&mut signals, kind, m, neighbours, &training);
+            }
             signals.list
         })
+    }
+
+    /// The fitted notes closest by sentence embeddings (`skip` left out), with softmax weights.
+    fn semantic_neighbours(&self, cosines: &[f32], skip: Option<usize>) -> Vec<(usize, f32)> {
+        let mut order: Vec<usize> = (0..cosines.len()).filter(|&d| Some(d) != skip).collect();
+        let k = SEMANTIC_NEIGHBOURS.min(order.len());
+        if k == 0 {
+            return Vec::new();
+        }
+        order.select_nth_unstable_by(k - 1, |&a, &b| cosines[b].total_cmp(&cosines[a]));
+        order.truncate(k);
+        let best = order.iter().map(|&d| cosines[d]).fold(f32::MIN, f32::max);
+        let weights: Vec<f32> = order
+            .iter()
+            .map(|&d| ((cosines[d] - best) / SEMANTIC_TEMPERATURE).exp())
+            .collect();
+        let total: f32 = weights.iter().sum::<f32>().max(1e-12);
+        order
+            .into_iter()
+            .zip(weights)
+            .map(|(d, w)| (d, w / total))
+            .collect()
+    }
+
+    /// The embedding neighbours' vote and the description matches of one kind: new candidates
+    /// from both, and every candidate's description cosine.
+    fn add_semantic_signals<'a>(
+        &'a self,
+        signals: &mut CandidateSet<'a>,
+        kind: usize,
+        m: &SemanticMatch,
+        neighbours: &[(usize, f32)],
+        training: &impl Fn(u32, usize) -> Signals,
+    ) {
+        let mut voted: HashMap<u32, f32> = HashMap::new();
+        for &(d, w) in neighbours {
+            for &code in &self.doc_codes[d][kind] {
+                *voted.entry(code).or_default() += w;
+            }
+        }
+        let mut voted: Vec<(u32, f32)> = voted.into_iter().collect();
+        voted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (rank, (code, share)) in voted.into_iter().enumerate() {
+            let entry = signals.entry(&self.codes[code as usize].0, || training(code, kind));
+            entry.semantic_knn = share;
+            entry.semantic_knn_rank = rank + 1;
+        }
+        let cosine = |code: u32| m.descriptions.get(code as usize).copied().unwrap_or(0.0);
+        let mut closest: Vec<u32> = self.codes_of_kind[kind].clone();
+        let keep = DESCRIPTION_CANDIDATES.min(closest.len());
+        if keep > 0 {
+            closest.select_nth_unstable_by(keep - 1, |&a, &b| {
+                cosine(b).total_cmp(&cosine(a)).then(a.cmp(&b))
+            });
+            closest.truncate(keep);
+            closest.sort_by(|&a, &b| cosine(b).total_cmp(&cosine(a)).then(a.cmp(&b)));
+        }
+        for (rank, &code) in closest.iter().enumerate() {
+            let entry = signals.entry(&self.codes[code as usize].0, || training(code, kind));
+            entry.description_rank = rank + 1;
+        }
+        for (code, s) in &mut signals.list {
+            if let Some(&c) = self.code_index[kind].get(*code) {
+                s.description = cosine(c);
+            }
+        }
     }
 
     /// The codes of `kind` whose centroids are closest to the query (`dots`: its dot product
@@ -459,7 +594,7 @@ impl RetrievalIndex {
     /// vote alone; then a reranker per kind (vote, code centroids, lexical matches when a
     /// lexicon is given) kept where it raises MAP; then
     /// per kind the threshold with the best micro-F1.
-    fn calibrate(&mut self, lexical: Option<&[PerKind]>) {
+    fn calibrate(&mut self, lexical: Option<&[PerKind]>, semantic: Option<&[SemanticMatch]>) {
         let sims: Vec<Vec<f32>> = self.docs.par_iter().map(|v| self.similarities(v)).collect();
         let gold: Vec<[Vec<&str>; 2]> = self
             .doc_codes
@@ -477,7 +612,8 @@ impl RetrievalIndex {
                 .into_par_iter()
                 .map(|d| {
                     let lex = lexical.filter(|_| with_lexical).map(|l| &l[d]);
-                    self.candidates(&self.docs[d], &sims[d], settings, Some(d), lex)
+                    let sem = semantic.filter(|_| with_lexical).map(|s| &s[d]);
+                    self.candidates(&self.docs[d], &sims[d], settings, Some(d), lex, sem)
                 })
                 .collect::<Vec<_>>()
         };
@@ -584,7 +720,8 @@ impl RetrievalIndex {
         text: &str,
         describe: &CodeDescriber<'_>,
         lexicon: Option<&dyn Lexicon>,
-    ) -> NotePrediction {
+        embedder: Option<&SentenceEmbedder>,
+    ) -> Result<NotePrediction, CodingError> {
         let started = Instant::now();
         let analyzer = Analyzer::default();
         let words = analyzer.stemmed_words(text);
@@ -594,6 +731,12 @@ impl RetrievalIndex {
         let lexical = lexicon
             .filter(|_| self.rerankers.iter().any(Option::is_some))
             .map(|l| l.candidates(text));
+        let semantic = match (&self.semantic, embedder) {
+            (Some(index), Some(embedder)) if self.rerankers.iter().any(Option::is_some) => {
+                Some(index.match_text(embedder, text)?)
+            }
+            _ => None,
+        };
         let votes = self.rank(
             self.candidates(
                 &query,
@@ -601,6 +744,7 @@ impl RetrievalIndex {
                 (c.neighbours, c.power),
                 None,
                 lexical.as_ref(),
+                semantic.as_ref(),
             ),
             &self.rerankers,
         );
@@ -637,14 +781,14 @@ impl RetrievalIndex {
                 })
                 .collect()
         };
-        NotePrediction {
+        Ok(NotePrediction {
             id: id.to_string(),
             diagnoses: items(0),
             procedures: items(1),
             warnings: Vec::new(),
             engine: "retrieval".into(),
             model: format!(
-                "retrieval: tf-idf kNN (k {}, power {}), ICD lexical reranking {:?}{}, fitted on {}",
+                "retrieval: tf-idf kNN (k {}, power {}), ICD lexical reranking {:?}{}{}, fitted on {}",
                 c.neighbours,
                 c.power,
                 c.reranked,
@@ -653,10 +797,15 @@ impl RetrievalIndex {
                 } else {
                     ""
                 },
+                match (&self.semantic, &semantic) {
+                    (Some(index), Some(_)) => format!(", {}", index.embedder),
+                    (Some(_), None) => ", sentence embeddings fitted but no embedder at hand: unused".into(),
+                    _ => String::new(),
+                },
                 self.fitted_on
             ),
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-        }
+        })
     }
 }
 
@@ -704,7 +853,7 @@ mod tests {
                 &["J18.9"],
             ));
         }
-        let index = RetrievalIndex::fit(&notes, "test".into(), None).unwrap();
+        let index = RetrievalIndex::fit(&notes, "test".into(), FitAids::default()).unwrap();
         assert!(
             index.calibration.loo_map[0] > 0.99,
             "{:?}",
@@ -719,7 +868,7 @@ mod tests {
                 )
             })
         };
-        let p = index.predict("x", text, &describe, None);
+        let p = index.predict("x", text, &describe, None, None).unwrap();
         assert_eq!(p.diagnoses[0].code, "E11.9");
         assert!(p.diagnoses[0].assigned);
         let ev = &p.diagnoses[0].evidence[0];
@@ -733,7 +882,9 @@ mod tests {
         assert!(!p.diagnoses.iter().skip(1).any(|c| c.assigned));
         let back = RetrievalIndex::from_json(&index.to_json().unwrap()).unwrap();
         assert_eq!(
-            back.predict("x", text, &describe, None).diagnoses,
+            back.predict("x", text, &describe, None, None)
+                .unwrap()
+                .diagnoses,
             p.diagnoses
         );
     }

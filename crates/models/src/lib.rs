@@ -2,6 +2,7 @@
 //! transformer, loaded from HF checkpoints or GGUF files, with tokenizers and chat templates.
 
 pub mod autograd;
+pub mod bert;
 mod chat_template;
 mod cpu_train_kernels;
 mod error;
@@ -19,6 +20,7 @@ pub mod lora_train_cpu;
 pub mod parameters;
 pub mod qmatmul_cpu;
 pub mod recompute;
+pub mod sentence_embedder;
 mod tokenizer;
 pub mod transformer;
 pub mod weights;
@@ -27,5 +29,6 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use error::ModelError;
 pub use gguf_tokenizer::{GgufVocab, GgufVocabModel, TokenType};
 pub use loader::{default_dtype, load_model, DeviceSpec, Family, LoadedModel};
+pub use sentence_embedder::SentenceEmbedder;
 pub use tokenizer::ModelTokenizer;
 pub use transformer::{CausalLm, ForwardOptions, KvCache, Spec};

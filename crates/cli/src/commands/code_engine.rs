@@ -46,6 +46,10 @@ pub struct EngineArgs {
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// retrieval: the sentence embedder of its semantic signals: `auto` (the `minilm-l6`
+    /// asset when installed), `none`, an asset id or a sentence-transformers folder
+    #[arg(long, default_value = "auto")]
+    pub embedder: String,
     /// openai: the endpoint's base URL (e.g. http://localhost:4000/v1); $OPENAI_BASE_URL when
     /// not given.
     #[arg(long, value_name = "URL")]
@@ -78,6 +82,7 @@ impl EngineArgs {
             allowed: self.allowed,
             max_prompt_tokens: self.max_prompt_tokens,
             device: self.device.clone(),
+            embedder: self.embedder.clone(),
             openai: OpenaiConfig {
                 base_url: self.openai_base_url.clone(),
                 model: self.openai_model.clone(),

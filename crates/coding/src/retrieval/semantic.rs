@@ -1,0 +1,169 @@
+//! The retrieval engine's semantic signals, from a sentence embedder (the `minilm-l6` asset,
+//! all-MiniLM-L6-v2, run in candle): a note's sentences are embedded once; the note's
+//! embedding is their length-weighted mean; the fitted notes closest to it by cosine vote for
+//! their codes; and every fitted code's description, embedded when the index is fitted, is
+//! matched against the note's sentences (its best sentence's cosine). These find the notes and
+//! codes that say the same thing in other words, which the TF-IDF and lexical signals miss.
+
+use candle_core::{Device, Tensor};
+use medcoder_models::SentenceEmbedder;
+use serde::{Deserialize, Serialize};
+
+use crate::text::sentences;
+use crate::CodingError;
+
+/// Cosines of a note's embedding: to every fitted note, and per code id its description's
+/// best match among the note's sentences (0 for codes without a description).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SemanticMatch {
+    pub notes: Vec<f32>,
+    pub descriptions: Vec<f32>,
+}
+
+/// What is kept of the fitted notes and codes (saved with the index).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SemanticIndex {
+    /// The embedder's name and source, so that a cache built with another one is refitted.
+    pub embedder: String,
+    pub dimension: usize,
+    /// Fitted notes' embeddings, one row of `dimension` each.
+    notes: Vec<f32>,
+    /// Per code id: its description's embedding (zeros where the code set has none).
+    descriptions: Vec<f32>,
+    #[serde(skip)]
+    tensors: Option<(Tensor, Tensor)>,
+}
+
+/// A note's sentences' embeddings (rows) and its own embedding.
+pub(crate) struct EmbeddedNote {
+    sentences: Vec<f32>,
+    note: Vec<f32>,
+}
+
+/// The embedder's identity as the index records it.
+pub(crate) fn embedder_name(embedder: &SentenceEmbedder) -> String {
+    format!("sentence embeddings from {}", embedder.source().display())
+}
+
+fn embedding_error(e: impl std::fmt::Display) -> CodingError {
+    CodingError::Invalid(format!("sentence embeddings: {e}"))
+}
+
+/// Embeds the notes' sentences in one call (the embedder batches by length).
+pub(crate) fn embed_notes(
+    embedder: &SentenceEmbedder,
+    texts: &[&str],
+) -> Result<Vec<EmbeddedNote>, CodingError> {
+    let split: Vec<Vec<String>> = texts
+        .iter()
+        .map(|text| sentences(text).into_iter().map(|s| s.text).collect())
+        .collect();
+    let all: Vec<&str> = split.iter().flatten().map(String::as_str).collect();
+    let mut vectors = embedder.embed(&all).map_err(embedding_error)?.into_iter();
+    let dim = embedder.dimension();
+    Ok(split
+        .iter()
+        .map(|note| {
+            let mut rows = Vec::with_capacity(note.len() * dim);
+            let mut mean = vec![0f32; dim];
+            for sentence in note {
+                let v = vectors.next().unwrap_or_else(|| vec![0.0; dim]);
+                let weight = sentence.chars().count() as f32;
+                mean.iter_mut().zip(&v).for_each(|(m, x)| *m += weight * x);
+                rows.extend(v);
+            }
+            normalize(&mut mean);
+            EmbeddedNote {
+                sentences: rows,
+                note: mean,
+            }
+        })
+        .collect())
+}
+
+fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+impl SemanticIndex {
+    /// From the fitted notes (already embedded) and each code id's description.
+    pub fn build(
+        embedder: &SentenceEmbedder,
+        notes: &[EmbeddedNote],
+        descriptions: &[Option<String>],
+    ) -> Result<Self, CodingError> {
+        let dim = embedder.dimension();
+        let described: Vec<(usize, &str)> = descriptions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.as_deref().map(|d| (i, d)))
+            .collect();
+        let texts: Vec<&str> = described.iter().map(|(_, d)| *d).collect();
+        let vectors = embedder.embed(&texts).map_err(embedding_error)?;
+        let mut table = vec![0f32; descriptions.len() * dim];
+        for ((code, _), v) in described.iter().zip(vectors) {
+            table[code * dim..(code + 1) * dim].copy_from_slice(&v);
+        }
+        let mut index = Self {
+            embedder: embedder_name(embedder),
+            dimension: dim,
+            notes: notes.iter().flat_map(|n| n.note.iter().copied()).collect(),
+            descriptions: table,
+            tensors: None,
+        };
+        index.derive_tables();
+        Ok(index)
+    }
+
+    /// The tensors the matches multiply with (rebuilt after reading the index back).
+    pub fn derive_tables(&mut self) {
+        let dim = self.dimension.max(1);
+        let as_matrix = |v: &[f32]| Tensor::from_slice(v, (v.len() / dim, dim), &Device::Cpu);
+        self.tensors = as_matrix(&self.notes)
+            .and_then(|n| Ok((n, as_matrix(&self.descriptions)?)))
+            .ok();
+    }
+
+    /// The note's cosines to every fitted note and every code's description.
+    pub fn match_note(&self, note: &EmbeddedNote) -> SemanticMatch {
+        let Some((notes, descriptions)) = &self.tensors else {
+            return SemanticMatch::default();
+        };
+        let dim = self.dimension;
+        let run = || -> candle_core::Result<SemanticMatch> {
+            let query = Tensor::from_slice(&note.note, (1, dim), &Device::Cpu)?;
+            let to_notes = query.matmul(&notes.t()?)?.squeeze(0)?.to_vec1::<f32>()?;
+            let rows = note.sentences.len() / dim;
+            let to_descriptions = if rows == 0 {
+                vec![0.0; descriptions.dim(0)?]
+            } else {
+                // [sentences, codes] → best sentence per code
+                Tensor::from_slice(&note.sentences, (rows, dim), &Device::Cpu)?
+                    .matmul(&descriptions.t()?)?
+                    .max(0)?
+                    .to_vec1::<f32>()?
+            };
+            Ok(SemanticMatch {
+                notes: to_notes,
+                descriptions: to_descriptions,
+            })
+        };
+        run().unwrap_or_default()
+    }
+
+    /// Embeds and matches one note.
+    pub fn match_text(
+        &self,
+        embedder: &SentenceEmbedder,
+        text: &str,
+    ) -> Result<SemanticMatch, CodingError> {
+        let embedded = embed_notes(embedder, &[text])?;
+        Ok(embedded
+            .first()
+            .map(|note| self.match_note(note))
+            .unwrap_or_default())
+    }
+}
