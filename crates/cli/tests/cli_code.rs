@@ -112,6 +112,34 @@ fn with_the_code_set_codes_carry_descriptions_and_evidence() {
     assert_eq!(quoted, evidence["text"].as_str().unwrap());
     assert!(quoted.contains("diabetes"), "{quoted}");
     assert_eq!(top["assertion"], "present");
+    // The code sets' editions are named in the prediction; the minilm-l6 asset, when
+    // installed, adds the sentence-embedding signals (`--embedder auto`), `none` leaves them
+    // out, and `--format codiesp` needs a folder.
+    assert!(
+        p["code_sets"].as_str().unwrap().contains("ICD-10-CM"),
+        "{p}"
+    );
+    let embedded = home
+        .asset_dir("minilm-l6")
+        .join("model.safetensors")
+        .is_file();
+    let model = p["model"].as_str().unwrap();
+    assert_eq!(model.contains("sentence embeddings"), embedded, "{model}");
+    let plain = code_note(
+        home.root(),
+        &db,
+        &["--format", "json", "--embedder", "none"],
+        note,
+    );
+    let plain: Value = serde_json::from_str(&plain.stdout).unwrap();
+    assert!(!plain["model"]
+        .as_str()
+        .unwrap()
+        .contains("sentence embeddings"));
+    assert_eq!(plain["diagnoses"][0]["code"], "E11.9");
+    let run = code_note(home.root(), &db, &["--format", "codiesp"], note);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--codiesp-out"), "{}", run.stderr);
     // A denied finding is flagged, and an assigned header code is warned about.
     let json_of = |note: &str| -> Value {
         let run = code_note(home.root(), &db, &["--format", "json"], note);

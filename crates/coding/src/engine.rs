@@ -269,11 +269,7 @@ impl Coder {
             }
             Engine::Openai(engine) => engine.predict(id, text, &describe)?,
         };
-        if let Some(kb) = &self.kb {
-            prediction
-                .warnings
-                .extend(guideline_warnings(kb, &prediction));
-        }
+        self.annotate(&mut prediction);
         Ok(prediction)
     }
 
@@ -309,11 +305,7 @@ impl Coder {
         let answers = engine.predict_batch(&coded, &describe, max_batch, cancelled);
         for ((i, _), answer) in to_code.into_iter().zip(answers) {
             results[i] = Some(answer.map(|mut prediction| {
-                if let Some(kb) = &self.kb {
-                    prediction
-                        .warnings
-                        .extend(guideline_warnings(kb, &prediction));
-                }
+                self.annotate(&mut prediction);
                 prediction
             }));
         }
@@ -322,6 +314,16 @@ impl Coder {
             .zip(notes)
             .map(|(r, (id, _))| r.unwrap_or_else(|| Err(CodingError::Cancelled(id.to_string()))))
             .collect()
+    }
+
+    /// What the code sets add to an engine's prediction: guideline warnings and their
+    /// editions.
+    fn annotate(&self, prediction: &mut NotePrediction) {
+        if let Some(kb) = &self.kb {
+            let warnings = guideline_warnings(kb, prediction);
+            prediction.warnings.extend(warnings);
+            prediction.code_sets = Some(format!("{}; {}", kb.cm.version, kb.pcs.version));
+        }
     }
 
     /// Whether notes are best coded together ([`Self::code_batch`]): the llm engine.

@@ -140,6 +140,7 @@ mod tests {
             engine: "test".into(),
             model: "test".into(),
             elapsed_ms: 0.0,
+            code_sets: None,
         };
         let bundle = to_fhir_bundle(&prediction);
         assert_eq!(bundle["resourceType"], "Bundle");

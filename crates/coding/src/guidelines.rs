@@ -188,6 +188,7 @@ mod tests {
             engine: "test".into(),
             model: "test".into(),
             elapsed_ms: 0.0,
+            code_sets: None,
         }
     }
 

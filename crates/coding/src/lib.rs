@@ -6,6 +6,7 @@ pub mod codiesp_tsv;
 pub mod constrained;
 pub mod engine;
 pub mod eval;
+mod evidence;
 pub mod fhir;
 pub mod guidelines;
 pub mod lexical;

@@ -15,8 +15,9 @@ use medcoder_models::LoadedModel;
 use medcoder_train::{coding_prompt_text, PromptTemplate};
 
 use crate::constrained::{AnswerGrammar, CodeTrie, ConstrainedCodes};
+use crate::evidence::{best_sentence, NoteSentences};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, NotePrediction};
-use crate::text::{sentences, words};
+use crate::text::{sentences, words, Analyzer};
 use crate::CodingError;
 
 /// The fewest note tokens a chunk's prompt must leave room for.
@@ -107,7 +108,7 @@ impl LlmEngine {
         for chunk in &chunks {
             per_chunk.push(self.generate_codes(id, &chunk.text, cancelled)?);
         }
-        Ok(self.prediction(id, per_chunk, describe, started))
+        Ok(self.prediction(id, text, per_chunk, describe, started))
     }
 
     /// Several notes generated together, `max_batch` prompts (chunks) at a time, each under
@@ -171,14 +172,19 @@ impl LlmEngine {
         results
             .into_iter()
             .zip(notes)
-            .map(|(per_chunk, (id, _))| Ok(self.prediction(id, per_chunk?, describe, started)))
+            .map(|(per_chunk, (id, text))| {
+                Ok(self.prediction(id, text, per_chunk?, describe, started))
+            })
             .collect()
     }
 
-    /// The codes of each chunk merged in chunk order, each ranked where it first appeared.
+    /// The codes of each chunk merged in chunk order, each ranked where it first appeared,
+    /// with the note's sentence that shares the most words with the code's description as
+    /// evidence (the model writes codes only).
     fn prediction(
         &self,
         id: &str,
+        text: &str,
         per_chunk: Vec<ChunkCodes>,
         describe: &CodeDescriber<'_>,
         started: Instant,
@@ -199,7 +205,11 @@ impl LlmEngine {
             engine: "llm".into(),
             model: self.name.clone(),
             elapsed_ms: 0.0,
+            code_sets: None,
         };
+        let analyzer = Analyzer::default();
+        let words = analyzer.stemmed_words(text);
+        let sentences = NoteSentences::new(text, &words);
         for (code, kind) in per_chunk.into_iter().flatten() {
             let list = match kind {
                 CodeKind::Diagnosis => &mut prediction.diagnoses,
@@ -209,15 +219,21 @@ impl LlmEngine {
                 continue;
             }
             let described = describe(&code, kind);
+            let found = described.as_ref().and_then(|(description, _)| {
+                best_sentence(&analyzer, description, &sentences, |_| 1.0)
+            });
+            let (evidence, assertion) = match found {
+                Some((span, assertion)) => (vec![span], Some(assertion)),
+                None => (Vec::new(), None),
+            };
             list.push(CodedItem {
                 rank: list.len() + 1,
                 confidence: 1.0,
                 assigned: true,
                 description: described.as_ref().map(|(d, _)| d.clone()),
                 billable: described.map(|(_, b)| b),
-                // The model writes codes only: no evidence to place in the note.
-                evidence: Vec::new(),
-                assertion: None,
+                evidence,
+                assertion,
                 code,
             });
         }
@@ -494,6 +510,34 @@ mod tests {
         assert!(cancelled
             .iter()
             .all(|r| matches!(r, Err(CodingError::Cancelled(_)))));
+    }
+
+    #[test]
+    fn written_codes_get_the_sentence_matching_their_description_as_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path(), 64);
+        // Every code is described as the femur fracture: its evidence is that sentence,
+        // quoted exactly at its offsets, wherever the tiny model's codes came from.
+        let describe =
+            |_: &str, _: CodeKind| Some(("Fracture of shaft of femur".to_string(), true));
+        let note = "Fever and cough since Monday. No fracture of the femur was seen.";
+        let p = engine.predict("n", note, &describe).unwrap();
+        let items: Vec<&CodedItem> = p.diagnoses.iter().chain(&p.procedures).collect();
+        assert!(
+            !items.is_empty(),
+            "the tiny model wrote no code: nothing checked"
+        );
+        for item in items {
+            let evidence = &item.evidence[0];
+            let quoted: String = note
+                .chars()
+                .skip(evidence.start)
+                .take(evidence.end - evidence.start)
+                .collect();
+            assert_eq!(quoted, evidence.text);
+            assert_eq!(quoted, "No fracture of the femur was seen.");
+            assert_eq!(item.assertion, Some(crate::assertion::Assertion::Negated));
+        }
     }
 
     #[test]

@@ -214,6 +214,7 @@ impl OpenaiEngine {
             engine: "openai".into(),
             model: self.name.clone(),
             elapsed_ms: 0.0,
+            code_sets: None,
         };
         for item in parse_answer(&content) {
             self.add(&mut prediction, item, text, describe);

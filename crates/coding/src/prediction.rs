@@ -54,6 +54,10 @@ pub struct NotePrediction {
     pub engine: String,
     /// What produced it (engine settings and the data it was fitted on).
     pub model: String,
+    /// The code sets' editions the codes were described and checked against (absent when
+    /// they were not installed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_sets: Option<String>,
     pub elapsed_ms: f64,
 }
 

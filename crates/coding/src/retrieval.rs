@@ -21,11 +21,10 @@ use crate::text::Analyzer;
 use crate::CodingError;
 
 mod centroids;
-mod evidence;
 mod semantic;
 
+use crate::evidence::{best_sentence, NoteSentences};
 use centroids::Centroids;
-use evidence::NoteSentences;
 use medcoder_models::SentenceEmbedder;
 use semantic::{embed_notes, embedder_name, SemanticIndex, SemanticMatch};
 
@@ -760,7 +759,11 @@ impl RetrievalIndex {
                     let assigned = confidence >= c.thresholds[kind];
                     let found = match (&described, assigned) {
                         (Some((description, _)), true) => {
-                            self.best_sentence(&analyzer, description, &sentences)
+                            best_sentence(&analyzer, description, &sentences, |stem| {
+                                self.vocabulary
+                                    .get(stem)
+                                    .map_or(1.0, |&id| self.idf[id as usize])
+                            })
                         }
                         _ => None,
                     };
@@ -805,6 +808,7 @@ impl RetrievalIndex {
                 self.fitted_on
             ),
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            code_sets: None,
         })
     }
 }

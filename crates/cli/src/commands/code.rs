@@ -28,6 +28,9 @@ enum OutputFormat {
     /// A FHIR R4 Bundle of Conditions (ICD-10-CM) and Procedures (ICD-10-PCS): the assigned
     /// codes of a single note.
     Fhir,
+    /// CodiEsp's TSV layout (`D.tsv`, `P.tsv`: id, code, in rank order) in the folder
+    /// `--codiesp-out` names, no gold needed: the official script scores them.
+    Codiesp,
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,6 +68,11 @@ struct BatchNote {
 }
 
 pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
+    if matches!(args.format, OutputFormat::Codiesp) && args.codiesp_out.is_none() {
+        bail!(
+            "--format codiesp writes D.tsv and P.tsv into a folder: give it with --codiesp-out DIR"
+        );
+    }
     let config = args.engine.config();
     let coder = Coder::build(&config, load_code_sets(home), home)?;
     if let Some(input) = &args.input {
@@ -76,12 +84,16 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
                 super::print_json(&medcoder_coding::fhir::to_fhir_bundle(&prediction))?
             }
             OutputFormat::Table => print_table(&prediction, args.top)?,
+            OutputFormat::Codiesp => {}
         }
         if let Some(dir) = &args.codiesp_out {
             medcoder_coding::codiesp_tsv::write_predictions(
                 dir,
                 std::slice::from_ref(&prediction),
             )?;
+            if matches!(args.format, OutputFormat::Codiesp) {
+                outln!("wrote {}/D.tsv and P.tsv", dir.display());
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -550,6 +550,7 @@ mod tests {
             engine: "test".into(),
             model: "m".into(),
             elapsed_ms: 0.0,
+            code_sets: None,
         }
     }
 

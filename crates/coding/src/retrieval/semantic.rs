@@ -167,3 +167,54 @@ impl SemanticIndex {
             .unwrap_or_default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medcoder_assets::MedcoderHome;
+
+    fn minilm() -> Option<SentenceEmbedder> {
+        let dir = MedcoderHome::from_env().ok()?.asset_dir("minilm-l6");
+        if !dir.join("model.safetensors").is_file() {
+            eprintln!(
+                "skipped: the minilm-l6 asset is not installed (run `medcoder assets fetch`)"
+            );
+            return None;
+        }
+        Some(SentenceEmbedder::load(&dir, &Device::Cpu).unwrap())
+    }
+
+    #[test]
+    fn notes_and_descriptions_are_matched_by_meaning_not_words() {
+        let Some(embedder) = minilm() else { return };
+        let fitted = [
+            "Known type 2 diabetes mellitus on metformin. Glucose was high.",
+            "Community acquired pneumonia of the right lower lobe treated with antibiotics.",
+        ];
+        let embedded = embed_notes(&embedder, &fitted).unwrap();
+        let descriptions = [
+            Some("Type 2 diabetes mellitus without complications".to_string()),
+            Some("Pneumonia, unspecified organism".to_string()),
+            None,
+        ];
+        let index = SemanticIndex::build(&embedder, &embedded, &descriptions).unwrap();
+        // Shares no content word with the second note or the pneumonia description.
+        let query = "Fever and a productive cough. The chest film showed a lung infection.";
+        let m = index.match_text(&embedder, query).unwrap();
+        assert_eq!(m.notes.len(), 2);
+        assert!(m.notes[1] > m.notes[0] + 0.1, "{:?}", m.notes);
+        assert_eq!(m.descriptions.len(), 3);
+        assert!(
+            m.descriptions[1] > m.descriptions[0] + 0.1,
+            "{:?}",
+            m.descriptions
+        );
+        assert_eq!(m.descriptions[2], 0.0);
+        // Read back from JSON, the index matches the same.
+        let back: SemanticIndex =
+            serde_json::from_str(&serde_json::to_string(&index).unwrap()).unwrap();
+        let mut back = back;
+        back.derive_tables();
+        assert_eq!(back.match_text(&embedder, query).unwrap().notes, m.notes);
+    }
+}

@@ -89,6 +89,10 @@ impl Corpus {
         };
         config.engine.db = Some(self.db.clone());
         config.engine.dataset = Some("codiesp".into());
+        // Without sentence embeddings: these tests are about HTTP behaviour (some send notes
+        // of hundreds of thousands of characters), and the embedded retrieval engine is
+        // tested in the coding crate and through the binary.
+        config.engine.embedder = "none".into();
         config
     }
 }
