@@ -4,6 +4,7 @@
 mod detokenize;
 mod error;
 mod generate;
+mod json;
 mod kernels;
 mod logprobs;
 mod params;
@@ -16,6 +17,7 @@ pub use error::{InferError, Result};
 pub use generate::{
     generate, generate_batch, generate_batch_with, stream_into, GenerateRequest, Generation,
 };
+pub use json::{JsonSchema, JsonSchemaProcessor, JsonState, TokenTrie};
 pub use logprobs::{log_prob_of, log_softmax_top};
 pub use params::SamplingParams;
 pub use processors::{BanTokens, FallbackToEos, LogitsProcessor, LogitsProcessorList};
