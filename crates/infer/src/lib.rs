@@ -1,6 +1,7 @@
 //! Generation on the `models` crate's model files: KV cache, sampling, stop conditions,
 //! streaming, and logit processors (where constrained decoding plugs in).
 
+mod continuous;
 mod detokenize;
 mod error;
 mod generate;
@@ -12,6 +13,7 @@ mod processors;
 mod sampling;
 mod stop;
 
+pub use continuous::{ContinuousBatch, Joined};
 pub use detokenize::{Decode, IncrementalDecoder};
 pub use error::{InferError, Result};
 pub use generate::{
