@@ -56,6 +56,16 @@ impl<T> std::fmt::Debug for ContinuousBatch<'_, T> {
     }
 }
 
+/// Sequences that finished in a step, with their tags.
+pub type Finished<T> = Vec<(T, Generation)>;
+
+/// A step that failed: the error, and the tags of the rows it took down.
+#[derive(Debug)]
+pub struct BatchFailure<T> {
+    pub error: InferError,
+    pub abandoned: Vec<T>,
+}
+
 /// A batch of sequences decoded together, each tagged with the caller's `T` (its reply
 /// channel, say).
 pub struct ContinuousBatch<'m, T> {
@@ -167,13 +177,13 @@ impl<'m, T> ContinuousBatch<'m, T> {
     pub fn step(
         &mut self,
         mut on_text: impl FnMut(&T, &str) -> bool,
-    ) -> std::result::Result<Vec<(T, Generation)>, (InferError, Vec<T>)> {
+    ) -> std::result::Result<Finished<T>, Box<BatchFailure<T>>> {
         if self.rows.is_empty() {
             return Ok(Vec::new());
         }
         let logits = match self.forward() {
             Ok(logits) => logits,
-            Err(error) => return Err((error, self.abandon())),
+            Err(error) => return Err(self.fail(error)),
         };
         let max_positions = self.model.lm.spec().max_position_embeddings;
         let mut done = vec![false; self.rows.len()];
@@ -198,11 +208,11 @@ impl<'m, T> ContinuousBatch<'m, T> {
             done[i] = finished || !keep || length + 1 >= max_positions;
         }
         if let Some(error) = failure {
-            return Err((error, self.abandon()));
+            return Err(self.fail(error));
         }
         match self.remove(&done) {
             Ok(finished) => Ok(finished),
-            Err(error) => Err((error, self.abandon())),
+            Err(error) => Err(self.fail(error)),
         }
     }
 
@@ -256,6 +266,13 @@ impl<'m, T> ContinuousBatch<'m, T> {
             }
         }
         Ok(finished)
+    }
+
+    fn fail(&mut self, error: InferError) -> Box<BatchFailure<T>> {
+        Box::new(BatchFailure {
+            error,
+            abandoned: self.abandon(),
+        })
     }
 
     /// Empties the batch, giving back the rows' tags (after an error).

@@ -13,7 +13,7 @@ mod processors;
 mod sampling;
 mod stop;
 
-pub use continuous::{ContinuousBatch, Joined};
+pub use continuous::{BatchFailure, ContinuousBatch, Finished, Joined};
 pub use detokenize::{Decode, IncrementalDecoder};
 pub use error::{InferError, Result};
 pub use generate::{

@@ -421,9 +421,9 @@ fn generation_loop(
                     active.answer(Ok(generation), &metrics);
                 }
             }
-            Err((error, abandoned)) => {
-                for active in abandoned {
-                    active.answer(Err(error.to_string()), &metrics);
+            Err(failure) => {
+                for active in failure.abandoned {
+                    active.answer(Err(failure.error.to_string()), &metrics);
                 }
             }
         }
