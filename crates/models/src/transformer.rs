@@ -688,3 +688,40 @@ pub fn compute_pool() -> Option<&'static rayon::ThreadPool> {
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     logits.argmax(D::Minus1)?.to_scalar::<u32>()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-layer cache whose keys and values are `rows` of scalars per position.
+    fn cache(rows: &[&[f32]]) -> KvCache {
+        let t = rows[0].len();
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let k = Tensor::from_vec(flat, (rows.len(), 1, t, 1), &Device::Cpu).unwrap();
+        KvCache {
+            layers: vec![Some((k.clone(), k)), None],
+        }
+    }
+
+    fn keys(cache: &KvCache) -> Vec<Vec<f32>> {
+        let (k, v) = cache.layers[0].as_ref().unwrap();
+        assert_eq!(k.dims(), v.dims());
+        k.squeeze(3).unwrap().squeeze(1).unwrap().to_vec2().unwrap()
+    }
+
+    #[test]
+    fn cache_rows_are_padded_joined_selected_and_trimmed() {
+        let a = cache(&[&[1.0, 2.0]]);
+        let padded = a.pad_left(2).unwrap();
+        assert_eq!((padded.len(), padded.rows()), (4, 1));
+        assert_eq!(keys(&padded), [[0.0, 0.0, 1.0, 2.0]]);
+        let both = padded.append_rows(&cache(&[&[3.0, 4.0, 5.0, 6.0]])).unwrap();
+        assert_eq!(keys(&both), [[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 5.0, 6.0]]);
+        assert!(both.layers[1].is_none());
+        let second = both.select_rows(&[1]).unwrap();
+        assert_eq!(keys(&second), [[3.0, 4.0, 5.0, 6.0]]);
+        let first = both.select_rows(&[0]).unwrap().drop_front(2).unwrap();
+        assert_eq!(keys(&first), [[1.0, 2.0]]);
+        assert_eq!(KvCache::default().append_rows(&a).unwrap().rows(), 1);
+    }
+}
