@@ -715,7 +715,9 @@ mod tests {
         let padded = a.pad_left(2).unwrap();
         assert_eq!((padded.len(), padded.rows()), (4, 1));
         assert_eq!(keys(&padded), [[0.0, 0.0, 1.0, 2.0]]);
-        let both = padded.append_rows(&cache(&[&[3.0, 4.0, 5.0, 6.0]])).unwrap();
+        let both = padded
+            .append_rows(&cache(&[&[3.0, 4.0, 5.0, 6.0]]))
+            .unwrap();
         assert_eq!(keys(&both), [[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 5.0, 6.0]]);
         assert!(both.layers[1].is_none());
         let second = both.select_rows(&[1]).unwrap();
