@@ -260,7 +260,8 @@ fn chat_completions_plain_streamed_seeded_batched_and_refused() {
     assert_eq!(a.status, 422);
 }
 
-/// The official `openai` Python client streams a completion and lists the models. Runs when
+/// The official `openai` Python client streams a completion, lists the models and gets JSON
+/// valid against a schema it sends as `response_format`. Runs when
 /// Python with `openai` is installed (`pip install openai`), skips saying so otherwise.
 #[test]
 fn the_official_openai_python_client_streams_a_completion() {
@@ -276,7 +277,7 @@ fn the_official_openai_python_client_streams_a_completion() {
     }
     let (_corpus, server) = tiny_chat_server();
     let script = r#"
-import sys, openai
+import json, sys, openai
 client = openai.OpenAI(base_url=sys.argv[1], api_key="unused")
 assert [m.id for m in client.models.list().data] == ["tiny"]
 pieces, finish = [], None
@@ -290,7 +291,15 @@ plain = client.chat.completions.create(model="tiny", temperature=0, max_tokens=8
         messages=[{"role": "user", "content": "the patient has fever"}])
 assert "".join(pieces) == plain.choices[0].message.content, (pieces, plain)
 assert finish in ("stop", "length"), finish
-print("streamed", len(pieces), "pieces;", finish)
+schema = {"type": "object", "properties": {"code": {"type": "string"}, "present": {"type": "boolean"}},
+          "required": ["code", "present"], "additionalProperties": False}
+answer = client.chat.completions.create(model="tiny", temperature=0.8, seed=2, max_tokens=300,
+        messages=[{"role": "user", "content": "the patient has fever"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "code", "strict": True, "schema": schema}})
+assert answer.choices[0].finish_reason == "stop", answer
+value = json.loads(answer.choices[0].message.content)
+assert set(value) == {"code", "present"} and isinstance(value["present"], bool), value
+print("streamed", len(pieces), "pieces;", finish, "; json_schema answer", value)
 "#;
     let output = std::process::Command::new("python3")
         .args(["-c", script, &server.url("/v1")])
