@@ -25,6 +25,13 @@ pub enum InferError {
     #[error("no token is allowed: every logit is -inf after penalties and logits processors")]
     NoTokenAllowed,
 
+    /// A JSON schema keyword that constrained decoding does not support.
+    #[error("JSON schema keyword `{keyword}` is not supported: {message}")]
+    UnsupportedSchema { keyword: String, message: String },
+
+    #[error("invalid JSON schema: {0}")]
+    InvalidSchema(String),
+
     #[error("decode: {0}")]
     Decode(String),
 }

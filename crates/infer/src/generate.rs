@@ -54,9 +54,9 @@ impl Generation {
 }
 
 /// Per-sequence state shared by the single and batched loops.
-struct Sequence {
+pub(crate) struct Sequence {
     sampler: Sampler,
-    checker: StopChecker,
+    pub(crate) checker: StopChecker,
     decoder: IncrementalDecoder,
     history: Vec<u32>,
     generated: Vec<u32>,
@@ -64,7 +64,10 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(request: GenerateRequest, processors: Vec<Box<dyn LogitsProcessor>>) -> Result<Self> {
+    pub(crate) fn new(
+        request: GenerateRequest,
+        processors: Vec<Box<dyn LogitsProcessor>>,
+    ) -> Result<Self> {
         let prompt_tokens = request.prompt_ids.len();
         let mut sampler = Sampler::new(request.sampling, prompt_tokens)?;
         for processor in processors {
@@ -83,7 +86,11 @@ impl Sequence {
 
     /// Sample from the logits: the new token, the text it releases for streaming, and whether
     /// generation ended with it.
-    fn step(&mut self, model: &LoadedModel, logits: &mut [f32]) -> Result<(u32, String, bool)> {
+    pub(crate) fn step(
+        &mut self,
+        model: &LoadedModel,
+        logits: &mut [f32],
+    ) -> Result<(u32, String, bool)> {
         let id = self.sampler.sample(logits, &self.history)?;
         self.history.push(id);
         self.generated.push(id);
@@ -96,7 +103,7 @@ impl Sequence {
         Ok((id, step.text, step.finish.is_some()))
     }
 
-    fn finish(self, prefill_seconds: f64, decode_seconds: f64) -> Generation {
+    pub(crate) fn finish(self, prefill_seconds: f64, decode_seconds: f64) -> Generation {
         let seed = self.sampler.seed();
         let finish_reason = self.checker.finish_reason().unwrap_or(FinishReason::Length);
         Generation {
@@ -230,12 +237,6 @@ pub fn generate_batch_with(
             next.push(id);
         }
         if finished.iter().all(|f| *f) {
-            break;
-        }
-        if !keep_going() {
-            for sequence in sequences.iter_mut() {
-                sequence.checker.cancel();
-            }
             break;
         }
         if !keep_going() {

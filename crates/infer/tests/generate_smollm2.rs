@@ -7,9 +7,12 @@
 #[path = "../../models/tests/support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
+
 use medcoder_infer::{
-    generate, generate_batch, stream_into, FinishReason, GenerateRequest, SamplingParams,
-    StopConditions,
+    generate, generate_batch, stream_into, ContinuousBatch, FallbackToEos, FinishReason,
+    GenerateRequest, Joined, JsonSchema, JsonSchemaProcessor, LogitsProcessor, SamplingParams,
+    StopConditions, TokenTrie,
 };
 use medcoder_models::LoadedModel;
 use support::installed_model;
@@ -145,4 +148,102 @@ fn text_streams_through_a_channel_until_the_receiver_goes() {
     )
     .unwrap();
     assert_eq!(generation.finish_reason, FinishReason::Cancelled);
+}
+
+/// Continuous batching: sequences join a running batch between steps and leave it when done
+/// (so the cache's rows and padding change under the others), and every one of them gets the
+/// tokens it gets alone.
+#[test]
+fn sequences_joining_and_leaving_a_running_batch_get_what_they_get_alone() {
+    let Some(model) = smollm2() else { return };
+    let prompts = [
+        ("Predict the medical codes for the following text: Patient with type 2 diabetes and hypertension.", 14),
+        ("The capital of France is", 4),
+        ("def fibonacci(n):", 9),
+        ("Once upon a time", 6),
+    ];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|(p, n)| {
+            generate(&model, request(&model, p, *n), Vec::new(), |_| true)
+                .unwrap()
+                .token_ids
+        })
+        .collect();
+    let mut batch = ContinuousBatch::new(&model);
+    let mut streamed = vec![String::new(); prompts.len()];
+    let mut results: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
+    let mut record = |finished: Vec<(usize, medcoder_infer::Generation)>| {
+        for (i, generation) in finished {
+            results[i] = Some(generation.token_ids);
+        }
+    };
+    let mut on_text = |i: &usize, text: &str| {
+        streamed[*i].push_str(text);
+        true
+    };
+    // The first runs alone for a while; the others join at different steps, one of them
+    // longer than the rows already there (the batch is padded to it).
+    let joins_at = [0, 3, 3, 5];
+    for step in 0..40 {
+        for (i, _) in joins_at.iter().enumerate().filter(|(_, s)| **s == step) {
+            let (prompt, n) = prompts[i];
+            match batch.join(request(&model, prompt, n), Vec::new(), i, &mut on_text) {
+                Joined::Running => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        record(batch.step(&mut on_text).unwrap());
+    }
+    assert!(batch.is_empty(), "{batch:?}");
+    assert_eq!(batch.positions(), 0);
+    let results: Vec<Vec<u32>> = results.into_iter().map(Option::unwrap).collect();
+    assert_eq!(results, alone);
+    for (i, (prompt, n)) in prompts.iter().enumerate() {
+        let text = generate(&model, request(&model, prompt, *n), Vec::new(), |_| true)
+            .unwrap()
+            .text;
+        assert_eq!(streamed[i], text, "{prompt}");
+    }
+}
+
+/// JSON constrained decoding on a real vocabulary: the answer is JSON valid against the
+/// `openai` engine's schema (with at most 3 items a list), and ends with it.
+#[test]
+fn a_json_schema_constrains_a_real_model_to_valid_json() {
+    let Some(model) = smollm2() else { return };
+    // maxItems: left alone, this small model lists the same item until max_tokens.
+    let items = serde_json::json!({"type": "array", "maxItems": 3, "items": {"type": "object",
+        "properties": {"code": {"type": "string"}, "evidence": {"type": "string"}},
+        "required": ["code", "evidence"], "additionalProperties": false}});
+    let schema = serde_json::json!({"type": "object",
+        "properties": {"diagnoses": items, "procedures": items},
+        "required": ["diagnoses", "procedures"], "additionalProperties": false});
+    let schema = Arc::new(JsonSchema::compile(&schema).unwrap());
+    let trie = Arc::new(TokenTrie::new(TokenTrie::texts_of(&model.tokenizer)));
+    let prompt = "Give the ICD-10 codes of this note as JSON with diagnoses and procedures, each a list of {code, evidence}.\nNote: Patient with type 2 diabetes and hypertension.\nJSON:";
+    let processors: Vec<Box<dyn LogitsProcessor>> = vec![
+        Box::new(JsonSchemaProcessor::new(
+            schema,
+            trie,
+            model.stop_token_ids.clone(),
+        )),
+        Box::new(FallbackToEos {
+            eos_token_id: model.stop_token_ids[0],
+        }),
+    ];
+    let generation = generate(&model, request(&model, prompt, 300), processors, |_| true).unwrap();
+    assert_eq!(
+        generation.finish_reason,
+        FinishReason::Stop,
+        "{}",
+        generation.text
+    );
+    let value: serde_json::Value = serde_json::from_str(&generation.text)
+        .unwrap_or_else(|e| panic!("{e}: {}", generation.text));
+    let object = value.as_object().unwrap();
+    assert!(
+        object["diagnoses"].is_array() && object["procedures"].is_array(),
+        "{value}"
+    );
 }

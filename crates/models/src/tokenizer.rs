@@ -183,6 +183,16 @@ impl ModelTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
+
+    /// The ids of the special tokens (`<|im_end|>`, `<s>`…), which stand for no text.
+    pub fn special_token_ids(&self) -> std::collections::HashSet<u32> {
+        self.tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, token)| token.special)
+            .map(|(id, _)| id)
+            .collect()
+    }
 }
 
 #[cfg(test)]

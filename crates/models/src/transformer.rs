@@ -69,6 +69,77 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.clear();
     }
+
+    /// Rows (sequences) of the batch: the first dimension of the keys.
+    pub fn rows(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|(k, _)| k.dim(0).ok())
+            .unwrap_or(0)
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| match layer {
+                Some((k, v)) => Ok(Some((f(k)?, f(v)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
+    /// The cache with `n` empty (zero) positions before the first: left padding added to
+    /// every row, which the attention mask then hides.
+    pub fn pad_left(&self, n: usize) -> Result<Self> {
+        if n == 0 {
+            return Ok(self.clone());
+        }
+        self.map(|t| {
+            // (b, kv_heads, t, d)
+            let (b, h, _, d) = t.dims4()?;
+            let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&zeros, t], 2)
+        })
+    }
+
+    /// The cache without its first `n` positions (padding every row has).
+    pub fn drop_front(&self, n: usize) -> Result<Self> {
+        let len = self.len();
+        self.map(|t| t.narrow(2, n.min(len), len - n.min(len)))
+    }
+
+    /// The rows `rows` of the batch, in that order.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        let Some((k, _)) = self.layers.iter().flatten().next() else {
+            return Ok(self.clone());
+        };
+        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let ids = Tensor::new(ids.as_slice(), k.device())?;
+        self.map(|t| t.index_select(&ids, 0))
+    }
+
+    /// The rows of `self` then those of `other`, which must hold as many positions.
+    pub fn append_rows(&self, other: &Self) -> Result<Self> {
+        if self.rows() == 0 {
+            return Ok(other.clone());
+        }
+        let layers = self
+            .layers
+            .iter()
+            .zip(&other.layers)
+            .map(|pair| match pair {
+                (Some((k, v)), Some((k2, v2))) => {
+                    Ok(Some((Tensor::cat(&[k, k2], 0)?, Tensor::cat(&[v, v2], 0)?)))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -616,4 +687,43 @@ pub fn compute_pool() -> Option<&'static rayon::ThreadPool> {
 /// Greedy argmax of f32 logits (vocab).
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-layer cache whose keys and values are `rows` of scalars per position.
+    fn cache(rows: &[&[f32]]) -> KvCache {
+        let t = rows[0].len();
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let k = Tensor::from_vec(flat, (rows.len(), 1, t, 1), &Device::Cpu).unwrap();
+        KvCache {
+            layers: vec![Some((k.clone(), k)), None],
+        }
+    }
+
+    fn keys(cache: &KvCache) -> Vec<Vec<f32>> {
+        let (k, v) = cache.layers[0].as_ref().unwrap();
+        assert_eq!(k.dims(), v.dims());
+        k.squeeze(3).unwrap().squeeze(1).unwrap().to_vec2().unwrap()
+    }
+
+    #[test]
+    fn cache_rows_are_padded_joined_selected_and_trimmed() {
+        let a = cache(&[&[1.0, 2.0]]);
+        let padded = a.pad_left(2).unwrap();
+        assert_eq!((padded.len(), padded.rows()), (4, 1));
+        assert_eq!(keys(&padded), [[0.0, 0.0, 1.0, 2.0]]);
+        let both = padded
+            .append_rows(&cache(&[&[3.0, 4.0, 5.0, 6.0]]))
+            .unwrap();
+        assert_eq!(keys(&both), [[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 5.0, 6.0]]);
+        assert!(both.layers[1].is_none());
+        let second = both.select_rows(&[1]).unwrap();
+        assert_eq!(keys(&second), [[3.0, 4.0, 5.0, 6.0]]);
+        let first = both.select_rows(&[0]).unwrap().drop_front(2).unwrap();
+        assert_eq!(keys(&first), [[1.0, 2.0]]);
+        assert_eq!(KvCache::default().append_rows(&a).unwrap().rows(), 1);
+    }
 }

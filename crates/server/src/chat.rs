@@ -1,9 +1,10 @@
 //! The OpenAI-compatible side: `POST /v1/chat/completions` (plain or streamed as server-sent
-//! events) and `GET /v1/models`, answered by a local model on its own thread. Requests waiting
-//! together are generated as one batch; a streamed request runs alone so its tokens flow as they
-//! come; a request whose client went away stops generating.
+//! events) and `GET /v1/models`, answered by a local model on its own thread. Requests are
+//! decoded in one continuous batch: one arriving while others generate joins them at the next
+//! step, and one that finishes leaves at once; a request whose client went away stops
+//! generating. `response_format` JSON (an object, or one valid against a JSON schema) is
+//! enforced by constrained decoding.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,7 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use medcoder_infer::{FinishReason, GenerateRequest, Generation, SamplingParams, StopConditions};
+use medcoder_infer::{
+    ContinuousBatch, FallbackToEos, FinishReason, GenerateRequest, Generation, Joined, JsonSchema,
+    JsonSchemaProcessor, LogitsProcessor, SamplingParams, StopConditions, TokenTrie,
+};
 use medcoder_models::{ChatMessage, LoadedModel};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -42,10 +46,24 @@ pub enum StopField {
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ResponseFormat {
-    /// `text` (the only one this server generates); `json_object` and `json_schema` are
-    /// refused with 400 so that clients fall back to text.
+    /// `text`; `json_object` (any JSON object) or `json_schema` (JSON valid against
+    /// `json_schema.schema`), both enforced by constrained decoding.
     #[serde(rename = "type")]
     pub kind: String,
+    /// With `json_schema`: the schema. Keywords outside the supported subset (types,
+    /// properties, required, additionalProperties, items, minItems/maxItems, enum, const,
+    /// local $ref, anyOf/oneOf of different types) are refused with 400 naming them.
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    #[schema(value_type = Object)]
+    pub schema: Option<serde_json::Value>,
+    /// Accepted; the schema is always enforced.
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -115,6 +133,8 @@ pub struct ModelCard {
 
 struct ChatJob {
     request: GenerateRequest,
+    /// Constrained decoding (JSON), if any.
+    processors: Vec<Box<dyn LogitsProcessor>>,
     /// Text pieces as they become final, for a streamed request.
     stream: Option<mpsc::UnboundedSender<String>>,
     reply: oneshot::Sender<Result<Generation, String>>,
@@ -132,6 +152,8 @@ pub struct ChatService {
     eos: Option<String>,
     tokenizer: medcoder_models::ModelTokenizer,
     stop_token_ids: Vec<u32>,
+    /// The vocabulary as bytes, for JSON constrained decoding.
+    token_trie: Arc<TokenTrie>,
     pub description: String,
 }
 
@@ -160,6 +182,7 @@ impl ChatService {
         let eos = model.tokenizer.eos_token.clone();
         let tokenizer = model.tokenizer.clone();
         let stop_token_ids = model.stop_token_ids.clone();
+        let token_trie = Arc::new(TokenTrie::new(TokenTrie::texts_of(&model.tokenizer)));
         let (sender, receiver) = mpsc::channel(capacity);
         let max_batch = config.max_batch;
         std::thread::Builder::new()
@@ -175,8 +198,56 @@ impl ChatService {
             eos,
             tokenizer,
             stop_token_ids,
+            token_trie,
             description,
         })
+    }
+
+    /// The logits processors a `response_format` asks for: none for text, a JSON grammar for
+    /// `json_object` and `json_schema` (400 naming what is not supported).
+    fn format_processors(
+        &self,
+        format: Option<&ResponseFormat>,
+    ) -> Result<Vec<Box<dyn LogitsProcessor>>, ApiError> {
+        let bad = |message: String| {
+            ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "unsupported_response_format",
+                message,
+            )
+        };
+        let schema = match format.map(|f| f.kind.as_str()) {
+            None | Some("text") => return Ok(Vec::new()),
+            Some("json_object") => JsonSchema::any_object(),
+            Some("json_schema") => {
+                let Some(schema) = format
+                    .and_then(|f| f.json_schema.as_ref())
+                    .and_then(|j| j.schema.as_ref())
+                else {
+                    return Err(bad(
+                        "response_format.json_schema.schema: missing (the JSON schema to follow)"
+                            .into(),
+                    ));
+                };
+                JsonSchema::compile(schema)
+                    .map_err(|e| bad(format!("response_format.json_schema.schema: {e}")))?
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "response_format `{other}` is not supported: text, json_object or json_schema"
+                )))
+            }
+        };
+        let eos = self.stop_token_ids.clone();
+        let mut processors: Vec<Box<dyn LogitsProcessor>> = vec![Box::new(
+            JsonSchemaProcessor::new(Arc::new(schema), self.token_trie.clone(), eos.clone()),
+        )];
+        // A vocabulary without the one token the grammar needs ends the output rather than
+        // failing the request.
+        if let Some(&eos_token_id) = eos.first() {
+            processors.push(Box::new(FallbackToEos { eos_token_id }));
+        }
+        Ok(processors)
     }
 
     /// The request as a generation: prompt through the chat template, sampling and stops.
@@ -190,18 +261,6 @@ impl ChatService {
                     r.model, self.served_name
                 ),
             ));
-        }
-        if let Some(format) = &r.response_format {
-            if format.kind != "text" {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::BAD_REQUEST,
-                    "unsupported_response_format",
-                    format!(
-                        "response_format `{}` is not supported by this server: ask for text",
-                        format.kind
-                    ),
-                ));
-            }
         }
         if r.n.unwrap_or(1) != 1 {
             return Err(ApiError::unprocessable("n: only 1 choice per request"));
@@ -289,69 +348,84 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The generation thread: waits for a request, takes every other waiting non-streamed one (up
-/// to `max_batch`) and generates them together.
+/// A request in the running batch: where its text and its answer go.
+struct Active {
+    stream: Option<mpsc::UnboundedSender<String>>,
+    reply: oneshot::Sender<Result<Generation, String>>,
+}
+
+impl Active {
+    /// Streams `text`; false once the client is gone (generation then stops).
+    fn forward(&self, text: &str) -> bool {
+        let streaming = text.is_empty()
+            || self
+                .stream
+                .as_ref()
+                .is_none_or(|s| s.send(text.to_string()).is_ok());
+        streaming && !self.reply.is_closed()
+    }
+
+    fn answer(self, result: Result<Generation, String>, metrics: &Metrics) {
+        if let Ok(generation) = &result {
+            metrics
+                .tokens_generated
+                .fetch_add(generation.token_ids.len() as u64, Ordering::Relaxed);
+        }
+        let _ = self.reply.send(result);
+    }
+}
+
+/// The generation thread: one continuous batch of up to `max_batch` sequences. Between two
+/// decode steps, waiting requests join (prefilled, then decoded with the others); finished ones
+/// are answered and leave. It sleeps only while nothing is generating.
 fn generation_loop(
     model: LoadedModel,
     mut receiver: mpsc::Receiver<ChatJob>,
     max_batch: usize,
     metrics: Arc<Metrics>,
 ) {
-    let mut pending: VecDeque<ChatJob> = VecDeque::new();
+    let mut batch = ContinuousBatch::new(&model);
     loop {
-        let Some(first) = pending.pop_front().or_else(|| receiver.blocking_recv()) else {
-            break;
-        };
-        let mut batch = vec![first];
-        if batch[0].stream.is_none() {
-            while batch.len() < max_batch {
+        while batch.len() < max_batch.max(1) {
+            let job = if batch.is_empty() {
+                match receiver.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                }
+            } else {
                 match receiver.try_recv() {
-                    Ok(job) if job.stream.is_some() => pending.push_back(job),
-                    Ok(job) => batch.push(job),
+                    Ok(job) => job,
                     Err(_) => break,
                 }
+            };
+            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if job.reply.is_closed() {
+                continue;
             }
-        }
-        metrics
-            .queue_depth
-            .fetch_sub(batch.len() as i64, Ordering::Relaxed);
-        batch.retain(|job| !job.reply.is_closed());
-        if batch.len() > 1 {
-            let requests = batch.iter().map(|j| j.request.clone()).collect();
-            match medcoder_infer::generate_batch(&model, requests) {
-                Ok(generations) => {
-                    for (job, generation) in batch.into_iter().zip(generations) {
-                        metrics
-                            .tokens_generated
-                            .fetch_add(generation.token_ids.len() as u64, Ordering::Relaxed);
-                        let _ = job.reply.send(Ok(generation));
-                    }
-                }
-                Err(error) => {
-                    for job in batch {
-                        let _ = job.reply.send(Err(error.to_string()));
-                    }
-                }
-            }
-        } else if let Some(job) = batch.pop() {
             let ChatJob {
                 request,
+                processors,
                 stream,
                 reply,
             } = job;
-            let result = medcoder_infer::generate(&model, request, Vec::new(), |text| {
-                // Stop as soon as the client is gone.
-                let streaming = stream
-                    .as_ref()
-                    .is_none_or(|s| s.send(text.to_string()).is_ok());
-                streaming && !reply.is_closed()
-            });
-            if let Ok(generation) = &result {
-                metrics
-                    .tokens_generated
-                    .fetch_add(generation.token_ids.len() as u64, Ordering::Relaxed);
+            let active = Active { stream, reply };
+            match batch.join(request, processors, active, Active::forward) {
+                Joined::Running => {}
+                Joined::Finished(active, generation) => active.answer(Ok(generation), &metrics),
+                Joined::Failed(active, error) => active.answer(Err(error.to_string()), &metrics),
             }
-            let _ = reply.send(result.map_err(|e| e.to_string()));
+        }
+        match batch.step(Active::forward) {
+            Ok(finished) => {
+                for (active, generation) in finished {
+                    active.answer(Ok(generation), &metrics);
+                }
+            }
+            Err(failure) => {
+                for active in failure.abandoned {
+                    active.answer(Err(failure.error.to_string()), &metrics);
+                }
+            }
         }
     }
 }
@@ -367,7 +441,7 @@ fn finish_reason(reason: FinishReason) -> &'static str {
 /// OpenAI's chat completions.
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest,
     responses((status = 200, body = ChatCompletion, description = "the completion; with `stream: true`, server-sent `chat.completion.chunk` events ending in `[DONE]`"),
-        (status = 400, body = crate::error::ErrorBody, description = "not JSON, or a response_format other than text"),
+        (status = 400, body = crate::error::ErrorBody, description = "not JSON, or a response_format (JSON schema keyword) that is not supported"),
         (status = 404, body = crate::error::ErrorBody, description = "no generation model, or another model asked for"),
         (status = 413, body = crate::error::ErrorBody, description = "body over the size limit"),
         (status = 415, body = crate::error::ErrorBody, description = "not application/json"),
@@ -382,6 +456,7 @@ pub async fn chat_completions(
         return Err(state.chat_unavailable());
     };
     let generate = chat.generate_request(&request)?;
+    let processors = chat.format_processors(request.response_format.as_ref())?;
     let prompt_tokens = generate.prompt_ids.len();
     let (reply, answer) = oneshot::channel();
     let (stream, pieces) = if request.stream {
@@ -393,6 +468,7 @@ pub async fn chat_completions(
     state.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
     let job = ChatJob {
         request: generate,
+        processors,
         stream,
         reply,
     };

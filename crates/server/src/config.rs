@@ -46,7 +46,8 @@ pub struct GenerationConfig {
     /// The name clients use in `model`; the model reference by default.
     pub served_name: Option<String>,
     pub device: String,
-    /// Requests generated together in one batch at most.
+    /// Sequences in the continuous batch at most: more requests wait in the queue and join
+    /// as sequences finish.
     pub max_batch: usize,
     /// `max_tokens` when a request gives none, and the most it may ask for.
     pub default_max_tokens: usize,
