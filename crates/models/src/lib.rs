@@ -16,6 +16,7 @@ pub mod layers;
 pub mod loader;
 pub mod lora;
 pub mod lora_train_cpu;
+pub mod nf4;
 pub mod parameters;
 pub mod qmatmul_cpu;
 pub mod recompute;
