@@ -1,7 +1,7 @@
 //! End-to-end tests of `medcoder train`: a synthetic MIMIC-IV release prepared and tokenized by
 //! the binary for a tiny random llama written by the test; LoRA training with evaluation,
 //! checkpoints and a PEFT adapter; a run killed with SIGKILL at a random step resumes to the
-//! same loss curve as an uninterrupted one.
+//! same loss curve as an uninterrupted one (with and without packing).
 
 mod support;
 #[path = "../../train/tests/support/tiny_model.rs"]
@@ -363,7 +363,15 @@ fn assert_llm_engine_writes_only_allowed_codes(fx: &Fixture, model: &str, adapte
 #[test]
 fn a_run_killed_at_a_random_step_resumes_to_the_same_curve() {
     let fx = Fixture::new();
-    let (config, whole) = fx.config("whole", "");
+    for (name, extra) in [("plain", ""), ("packed", "packing: true\n")] {
+        killed_and_resumed_equals_whole(&fx, name, extra);
+    }
+}
+
+/// A run of the config with `extra` lines, killed at a step chosen by the clock and resumed,
+/// ends with the losses and adapter of an uninterrupted one.
+fn killed_and_resumed_equals_whole(fx: &Fixture, name: &str, extra: &str) {
+    let (config, whole) = fx.config(&format!("{name}-whole"), extra);
     assert_ok(&fx.run(&[
         "train",
         "--config",
@@ -372,7 +380,7 @@ fn a_run_killed_at_a_random_step_resumes_to_the_same_curve() {
     ]));
     let (expected_train, expected_eval) = curves(&whole);
 
-    let (config, killed) = fx.config("killed", "");
+    let (config, killed) = fx.config(&format!("{name}-killed"), extra);
     // A step chosen by the clock, so that runs of the suite kill at different points.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -408,16 +416,16 @@ fn a_run_killed_at_a_random_step_resumes_to_the_same_curve() {
     }
     assert!(
         killed_mid_run,
-        "the run ended before step {kill_after}: nothing was tested"
+        "{name}: the run ended before step {kill_after}: nothing was tested"
     );
     let resumed = fx.run(&["train", "--resume", &killed.display().to_string(), "--json"]);
     assert_ok(&resumed);
     let (train, eval) = curves(&killed);
-    assert_same_curve(&expected_train, &train, "training loss");
-    assert_same_curve(&expected_eval, &eval, "evaluation loss");
+    assert_same_curve(&expected_train, &train, &format!("{name}: training loss"));
+    assert_same_curve(&expected_eval, &eval, &format!("{name}: evaluation loss"));
     let a = std::fs::read(whole.join("adapter_model.safetensors")).expect("adapter");
     let b = std::fs::read(killed.join("adapter_model.safetensors")).expect("adapter");
-    assert_eq!(a, b, "the resumed run ends with the same adapter");
+    assert_eq!(a, b, "{name}: the resumed run ends with the same adapter");
 }
 
 #[test]
