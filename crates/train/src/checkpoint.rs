@@ -204,3 +204,37 @@ pub fn restore(
         })?;
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_lists_whole_checkpoints_and_one_set_aside_by_an_interrupted_replacement() {
+        let run = tempfile::tempdir().expect("a temp dir");
+        let root = checkpoints_dir(run.path());
+        for (name, complete) in [
+            ("step-00000003", true),
+            // Set aside while step 3 was saved again: step 3 itself is whole.
+            (".step-00000003.replaced", true),
+            // Interrupted between the two renames: the only copy of step 4.
+            (".step-00000004.replaced", true),
+            // Written in part: never listed.
+            (".step-00000005.partial", true),
+            ("step-00000006", false),
+        ] {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).expect("a folder");
+            if complete {
+                std::fs::write(dir.join("trainer_state.json"), "{}").expect("a state");
+            }
+        }
+        assert_eq!(
+            list_checkpoints(run.path()),
+            vec![
+                (3, root.join("step-00000003")),
+                (4, root.join(".step-00000004.replaced")),
+            ]
+        );
+    }
+}
