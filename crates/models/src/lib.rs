@@ -4,6 +4,7 @@
 pub mod autograd;
 mod chat_template;
 mod cpu_train_kernels;
+mod cpu_train_weights;
 mod error;
 pub mod families;
 mod frozen;

@@ -12,12 +12,13 @@
 //! The gradients are the same as the candle path's (`train/tests/gradients.rs` checks the two
 //! against each other); the path is used where [`unsupported_reason`] is `None`.
 
-use std::cell::{RefCell, RefMut};
+use std::cell::RefCell;
 
-use candle_core::{bail, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
+use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use rayon::prelude::*;
 
 use crate::cpu_train_kernels::{self as k, AttentionDims, MatOut, MatRef};
+use crate::cpu_train_weights::{frozen_base, frozen_dense, BaseWeight, Held};
 use crate::layers::{Embedding, Linear};
 use crate::lora::{DropoutDraw, LoraLinear};
 use crate::transformer::{CausalLm, DecoderLayer};
@@ -93,88 +94,6 @@ pub fn unsupported_reason(lm: &CausalLm) -> Option<String> {
         }
     }
     None
-}
-
-fn frozen_dense(linear: &Linear) -> bool {
-    matches!(linear, Linear::Dense { weight, .. } if !weight.is_variable() && weight.dtype() == DType::F32)
-}
-
-/// A frozen f32 weight, or a quantized one (GGUF blocks, NF4) dequantized when used.
-fn frozen_base(linear: &Linear) -> bool {
-    frozen_dense(linear) || matches!(linear, Linear::Quantized { .. } | Linear::Nf4 { .. })
-}
-
-/// A base layer's (out, in) f32 weight: borrowed when dense, else dequantized into the
-/// pass's scratch buffer (one layer's weight at a time, the buffer reused from layer to layer:
-/// QLoRA never holds the model dense).
-enum BaseWeight<'a> {
-    Dense(Held<'a>),
-    Dequantized(RefMut<'a, Vec<f32>>),
-}
-
-impl<'a> BaseWeight<'a> {
-    fn new(base: &'a Linear, scratch: &'a RefCell<Vec<f32>>) -> Result<Self> {
-        let scratch = || {
-            scratch.try_borrow_mut().map_err(|_| {
-                candle_core::Error::Msg(
-                    "CPU training path: the dequantization scratch is in use".into(),
-                )
-            })
-        };
-        match base {
-            Linear::Dense { weight, .. } => Ok(Self::Dense(Held::new(weight)?)),
-            Linear::Nf4 { weight, .. } => {
-                let mut buffer = scratch()?;
-                let (out, inp) = weight.dims();
-                buffer.resize(out * inp, 0.0);
-                weight.dequantize_into(&mut buffer);
-                Ok(Self::Dequantized(buffer))
-            }
-            Linear::Quantized { source, .. } => {
-                let dense = source.dequantize(&Device::Cpu)?.flatten_all()?;
-                let mut buffer = scratch()?;
-                buffer.clear();
-                buffer.extend(dense.to_vec1::<f32>()?);
-                Ok(Self::Dequantized(buffer))
-            }
-            Linear::Lora(_) => bail!("CPU training path: a LoRA layer as a base"),
-        }
-    }
-
-    fn get(&self) -> Result<&[f32]> {
-        match self {
-            Self::Dense(held) => held.get(),
-            Self::Dequantized(buffer) => Ok(buffer),
-        }
-    }
-}
-
-/// A tensor's f32 data, borrowed for as long as the guard lives.
-struct Held<'a> {
-    guard: StorageRef<'a>,
-    start: usize,
-    len: usize,
-}
-
-impl<'a> Held<'a> {
-    fn new(t: &'a Tensor) -> Result<Self> {
-        let (guard, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("CPU training path: a non-contiguous weight")
-        };
-        Ok(Self {
-            guard,
-            start,
-            len: end - start,
-        })
-    }
-
-    fn get(&self) -> Result<&[f32]> {
-        match &*self.guard {
-            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.start..self.start + self.len]),
-            _ => bail!("CPU training path: a weight is not on the CPU"),
-        }
-    }
 }
 
 /// What one LoRA update kept for its backward pass.
