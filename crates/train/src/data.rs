@@ -146,21 +146,38 @@ pub fn epoch_batches(
     batches
 }
 
-/// Examples (in `order`) into rows of at most `capacity` tokens: each goes into the first row
-/// with room for it, else starts a new one.
+/// Rows still open to examples while packing: first fit looks at no more than these, so that
+/// packing an epoch stays linear in its examples.
+const OPEN_ROWS: usize = 64;
+
+/// Examples (in `order`) into rows of at most `capacity` tokens: each goes into the first open
+/// row with room for it, else starts a new one. A row closes when no example could fit in it
+/// any more, or when it is the oldest of more than [`OPEN_ROWS`] open ones.
 fn pack_first_fit(examples: &[Example], order: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let shortest = examples.iter().map(|e| e.ids.len()).min().unwrap_or(1);
     let mut rows: Vec<Vec<usize>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
+    // (row, room left) of the open rows, oldest first.
+    let mut open: std::collections::VecDeque<(usize, usize)> = Default::default();
     for &i in order {
         let len = examples[i].ids.len();
-        match free.iter().position(|&room| room >= len) {
-            Some(row) => {
-                rows[row].push(i);
-                free[row] -= len;
+        match open.iter().position(|&(_, room)| room >= len) {
+            Some(at) => {
+                let (row, room) = &mut open[at];
+                rows[*row].push(i);
+                *room -= len;
+                if *room < shortest {
+                    open.remove(at);
+                }
             }
             None => {
                 rows.push(vec![i]);
-                free.push(capacity.saturating_sub(len));
+                let room = capacity.saturating_sub(len);
+                if room >= shortest {
+                    open.push_back((rows.len() - 1, room));
+                    if open.len() > OPEN_ROWS {
+                        open.pop_front();
+                    }
+                }
             }
         }
     }

@@ -73,6 +73,9 @@ pub struct Trainer<'a> {
     train: Vec<Example>,
     eval: Vec<Example>,
     state: TrainerState,
+    /// The batches of one epoch (a pure function of the seed and the epoch), kept for the
+    /// steps of that epoch.
+    epoch_plan: Option<(usize, Vec<BatchRows>)>,
 }
 
 impl std::fmt::Debug for Trainer<'_> {
@@ -206,6 +209,7 @@ impl<'a> Trainer<'a> {
             train,
             eval,
             state,
+            epoch_plan: None,
         })
     }
 
@@ -321,25 +325,35 @@ impl<'a> Trainer<'a> {
     /// the epochs are done (without `max_steps`, which cycles through epochs).
     fn next_micro_batches(&mut self) -> Option<Vec<BatchRows>> {
         let mut micro = Vec::new();
-        let plan = batch_plan(self.config);
-        let mut batches = epoch_batches(&self.train, &plan, self.config.seed, self.state.epoch);
         while micro.len() < self.config.grad_accum {
-            if self.state.batch_in_epoch >= batches.len() {
+            let in_epoch = self.epoch_batches().len();
+            if self.state.batch_in_epoch >= in_epoch {
                 if self.config.max_steps.is_none() && self.state.epoch + 1 >= self.config.epochs {
                     break;
                 }
                 self.state.epoch += 1;
                 self.state.batch_in_epoch = 0;
-                batches = epoch_batches(&self.train, &plan, self.config.seed, self.state.epoch);
                 if !micro.is_empty() {
                     // An optimizer step does not straddle two epochs.
                     break;
                 }
             }
-            micro.push(batches[self.state.batch_in_epoch].clone());
+            let index = self.state.batch_in_epoch;
+            micro.push(self.epoch_batches()[index].clone());
             self.state.batch_in_epoch += 1;
         }
         (!micro.is_empty()).then_some(micro)
+    }
+
+    /// The batches of the current epoch, planned once per epoch.
+    fn epoch_batches(&mut self) -> &[BatchRows] {
+        let epoch = self.state.epoch;
+        if self.epoch_plan.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let plan = batch_plan(self.config);
+            let batches = epoch_batches(&self.train, &plan, self.config.seed, epoch);
+            self.epoch_plan = Some((epoch, batches));
+        }
+        self.epoch_plan.as_ref().map_or(&[], |(_, b)| b.as_slice())
     }
 
     fn train_step(&mut self, micro: &[BatchRows]) -> Result<MetricsRecord, TrainError> {
