@@ -1,7 +1,7 @@
 //! End-to-end tests of `medcoder train`: a synthetic MIMIC-IV release prepared and tokenized by
 //! the binary for a tiny random llama written by the test; LoRA training with evaluation,
 //! checkpoints and a PEFT adapter; a run killed with SIGKILL at a random step resumes to the
-//! same loss curve as an uninterrupted one.
+//! same loss curve as an uninterrupted one (with and without packing).
 
 mod support;
 #[path = "../../train/tests/support/tiny_model.rs"]
@@ -363,7 +363,15 @@ fn assert_llm_engine_writes_only_allowed_codes(fx: &Fixture, model: &str, adapte
 #[test]
 fn a_run_killed_at_a_random_step_resumes_to_the_same_curve() {
     let fx = Fixture::new();
-    let (config, whole) = fx.config("whole", "");
+    for (name, extra) in [("plain", ""), ("packed", "packing: true\n")] {
+        killed_and_resumed_equals_whole(&fx, name, extra);
+    }
+}
+
+/// A run of the config with `extra` lines, killed at a step chosen by the clock and resumed,
+/// ends with the losses and adapter of an uninterrupted one.
+fn killed_and_resumed_equals_whole(fx: &Fixture, name: &str, extra: &str) {
+    let (config, whole) = fx.config(&format!("{name}-whole"), extra);
     assert_ok(&fx.run(&[
         "train",
         "--config",
@@ -372,7 +380,7 @@ fn a_run_killed_at_a_random_step_resumes_to_the_same_curve() {
     ]));
     let (expected_train, expected_eval) = curves(&whole);
 
-    let (config, killed) = fx.config("killed", "");
+    let (config, killed) = fx.config(&format!("{name}-killed"), extra);
     // A step chosen by the clock, so that runs of the suite kill at different points.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -408,15 +416,127 @@ fn a_run_killed_at_a_random_step_resumes_to_the_same_curve() {
     }
     assert!(
         killed_mid_run,
-        "the run ended before step {kill_after}: nothing was tested"
+        "{name}: the run ended before step {kill_after}: nothing was tested"
     );
     let resumed = fx.run(&["train", "--resume", &killed.display().to_string(), "--json"]);
     assert_ok(&resumed);
     let (train, eval) = curves(&killed);
+    assert_same_curve(&expected_train, &train, &format!("{name}: training loss"));
+    assert_same_curve(&expected_eval, &eval, &format!("{name}: evaluation loss"));
+    let a = std::fs::read(whole.join("adapter_model.safetensors")).expect("adapter");
+    let b = std::fs::read(killed.join("adapter_model.safetensors")).expect("adapter");
+    assert_eq!(a, b, "{name}: the resumed run ends with the same adapter");
+}
+
+/// (file name, bytes) of one folder's files, sorted by name.
+type FolderFiles = Vec<(String, Vec<u8>)>;
+
+/// Names and files of the entries of a run's `checkpoints/` (one level of folders).
+fn checkpoint_files(run_dir: &Path) -> Vec<(String, FolderFiles)> {
+    let mut folders: Vec<(String, FolderFiles)> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .expect("a checkpoints folder")
+        .flatten()
+        .map(|folder| {
+            let mut files: FolderFiles = std::fs::read_dir(folder.path())
+                .expect("a checkpoint folder")
+                .flatten()
+                .map(|f| {
+                    let bytes = std::fs::read(f.path()).expect("a checkpoint file");
+                    (f.file_name().to_string_lossy().into_owned(), bytes)
+                })
+                .collect();
+            files.sort();
+            (folder.file_name().to_string_lossy().into_owned(), files)
+        })
+        .collect();
+    folders.sort();
+    folders
+}
+
+#[test]
+fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resume_goes_on() {
+    // The file-size limit comes from bash's `ulimit -f` (KiB), with SIGXFSZ ignored so that a
+    // write past it fails with EFBIG, as one on a full disk fails with ENOSPC.
+    if !Path::new("/bin/bash").is_file() {
+        eprintln!("skipping: /bin/bash sets the file-size limit and is not here");
+        return;
+    }
+    let fx = Fixture::new();
+    // Rank 1024: an 8 MiB adapter and 16 MiB of optimizer moments, far more than anything
+    // else the run writes; the limit falls between the two.
+    let rank = ["--set", "lora.r=1024"];
+    let limit_kib = 12 * 1024;
+    let (config, whole) = fx.config("disk-whole", "");
+    let config_arg = config.display().to_string();
+    let mut args = vec!["train", "--config", &config_arg, "--quiet"];
+    args.extend(rank);
+    assert_ok(&fx.run(&args));
+    let (expected_train, expected_eval) = curves(&whole);
+
+    // A run killed once it has a checkpoint…
+    let (config, run_dir) = fx.config("disk-full", "");
+    let config_arg = config.display().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_medcoder"))
+        .args(["train", "--config", &config_arg, "--quiet"])
+        .args(rank)
+        .env(MedcoderHome::ENV, fx.dir.path().join("home"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start medcoder train");
+    let first = run_dir.join("checkpoints/step-00000002/trainer_state.json");
+    let started = Instant::now();
+    while !first.is_file() {
+        assert!(
+            child.try_wait().expect("poll the run").is_none(),
+            "the run ended without a checkpoint at step 2"
+        );
+        assert!(started.elapsed() < Duration::from_secs(300), "the run hung");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().expect("SIGKILL the run");
+    child.wait().expect("reap the run");
+    let kept = medcoder_train::checkpoint::list_checkpoints(&run_dir);
+    let (last_step, last_dir) = kept.last().cloned().expect("a checkpoint");
+    let before: Vec<_> = checkpoint_files(&run_dir)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("step-"))
+        .collect();
+
+    // …resumed on a disk that fills up at the next checkpoint…
+    let script = format!("trap '' XFSZ; ulimit -f {limit_kib}; exec \"$0\" \"$@\"");
+    let run_dir_arg = run_dir.display().to_string();
+    let full = Command::new("/bin/bash")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_medcoder")])
+        .args(["train", "--resume", &run_dir_arg, "--quiet"])
+        .env(MedcoderHome::ENV, fx.dir.path().join("home"))
+        .output()
+        .expect("run medcoder train under a file-size limit");
+    let stderr = String::from_utf8_lossy(&full.stderr);
+    assert_eq!(full.status.code(), Some(2), "{stderr}");
+    let failed = run_dir.join(format!("checkpoints/step-{:08}", last_step + 2));
+    assert!(
+        stderr.contains(&failed.display().to_string())
+            && stderr.contains("File too large")
+            && stderr.contains(&last_dir.display().to_string()),
+        "the error names the checkpoint it could not write, why, and the one kept: {stderr}"
+    );
+    // …leaves the checkpoints as they were, nothing half-written beside them…
+    assert!(
+        checkpoint_files(&run_dir) == before,
+        "the checkpoints changed: {:?}",
+        checkpoint_files(&run_dir)
+            .iter()
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>()
+    );
+    // …and once there is room, resuming ends where an uninterrupted run does.
+    assert_ok(&fx.run(&["train", "--resume", &run_dir_arg, "--quiet"]));
+    let (train, eval) = curves(&run_dir);
     assert_same_curve(&expected_train, &train, "training loss");
     assert_same_curve(&expected_eval, &eval, "evaluation loss");
     let a = std::fs::read(whole.join("adapter_model.safetensors")).expect("adapter");
-    let b = std::fs::read(killed.join("adapter_model.safetensors")).expect("adapter");
+    let b = std::fs::read(run_dir.join("adapter_model.safetensors")).expect("adapter");
     assert_eq!(a, b, "the resumed run ends with the same adapter");
 }
 

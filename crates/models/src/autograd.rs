@@ -67,7 +67,7 @@ fn whole(out: &Tensor) -> Result<Tensor> {
 }
 
 /// A copy of `out`'s data for a custom op's forward value.
-fn cpu_copy(out: &Tensor) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn cpu_copy(out: &Tensor) -> Result<(CpuStorage, Shape)> {
     let out = &whole(out)?;
     let (guard, layout) = out.storage_and_layout();
     match &*guard {
@@ -76,7 +76,7 @@ fn cpu_copy(out: &Tensor) -> Result<(CpuStorage, Shape)> {
     }
 }
 
-fn cuda_copy(out: &Tensor) -> Result<(CudaStorage, Shape)> {
+pub(crate) fn cuda_copy(out: &Tensor) -> Result<(CudaStorage, Shape)> {
     let out = &whole(out)?;
     let (guard, layout) = out.storage_and_layout();
     match &*guard {

@@ -228,30 +228,32 @@ pub(crate) fn rms_norm_backward(x: &[f32], rstd: &[f32], w: &[f32], dy: &[f32], 
 
 /// Rotate each `head_dim` slice of every row by its position's angles (HF's halves layout),
 /// in place; `inverse` rotates back (RoPE's backward). `cos`/`sin`: (positions, head_dim/2);
-/// row `t` is at position `t % seq`.
+/// row `t` is at position `positions[t]`.
 pub(crate) fn rope(
     xs: &mut [f32],
     width: usize,
     head_dim: usize,
-    seq: usize,
+    positions: &[u32],
     cos: &[f32],
     sin: &[f32],
     inverse: bool,
 ) {
     let half = head_dim / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
-    xs.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-        let p = (t % seq) * half;
-        let (c, s) = (&cos[p..p + half], &sin[p..p + half]);
-        for head in row.chunks_mut(head_dim) {
-            let (x1, x2) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b, si) = (x1[i], x2[i], sign * s[i]);
-                x1[i] = a * c[i] - b * si;
-                x2[i] = b * c[i] + a * si;
+    xs.par_chunks_mut(width)
+        .zip(positions)
+        .for_each(|(row, &position)| {
+            let p = position as usize * half;
+            let (c, s) = (&cos[p..p + half], &sin[p..p + half]);
+            for head in row.chunks_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, si) = (x1[i], x2[i], sign * s[i]);
+                    x1[i] = a * c[i] - b * si;
+                    x2[i] = b * c[i] + a * si;
+                }
             }
-        }
-    });
+        });
 }
 
 fn gelu_tanh(x: f32) -> (f32, f32) {
@@ -368,33 +370,65 @@ impl AttentionDims {
     }
 }
 
-/// Scores of query rows `r0..r0 + n` of one head against keys `0..r0 + n`, softmaxed with the
-/// causal mask, into `p` (n, r0 + n); returns nothing, fills `lse` for the rows if given, else
-/// uses it (recomputation in the backward pass).
-#[allow(clippy::too_many_arguments)]
+/// The query rows of one attention block and the keys they may see.
+#[derive(Clone, Copy)]
+struct QueryBlock<'a> {
+    /// Query rows `r0..r0 + n` of the sequence…
+    r0: usize,
+    n: usize,
+    /// …see keys from `k0` on (0, or the earliest document start among them when packed)…
+    k0: usize,
+    /// …and each from its document's start (`None`: from key 0).
+    doc_starts: Option<&'a [u32]>,
+}
+
+impl<'a> QueryBlock<'a> {
+    /// `doc_starts`: the sequence's (seq) document start columns, if packed.
+    fn new(r0: usize, n: usize, doc_starts: Option<&'a [u32]>) -> Self {
+        let doc_starts = doc_starts.map(|s| &s[r0..r0 + n]);
+        let k0 = doc_starts.map_or(0, |s| s.iter().copied().min().unwrap_or(0) as usize);
+        Self {
+            r0,
+            n,
+            k0,
+            doc_starts,
+        }
+    }
+
+    /// Keys `k0..r0 + n`: the columns of the block's scores.
+    fn keys(&self) -> usize {
+        self.r0 + self.n - self.k0
+    }
+}
+
+/// Scores of one block's query rows of one head against its keys, softmaxed under the causal
+/// (and document) mask, into `p` (n, keys); fills `lse` for the rows, or (`recompute`, the
+/// backward pass) uses it.
 fn block_probs(
     q: MatRef,
     k: MatRef,
-    r0: usize,
-    n: usize,
+    block: QueryBlock,
     scale: f32,
     p: &mut [f32],
     lse: &mut [f32],
     recompute: bool,
 ) {
-    let keys = r0 + n;
+    let QueryBlock { r0, n, k0, .. } = block;
+    let keys = block.keys();
     matmul(
         MatOut::new(p, n, keys),
         q.rows(r0, n),
-        k.rows(0, keys).t(),
+        k.rows(k0, keys).t(),
         scale,
         false,
         Parallelism::None,
     );
     for (i, row) in p.chunks_mut(keys).take(n).enumerate() {
-        let visible = r0 + i + 1;
+        let visible = r0 + i + 1 - k0;
+        let first = block.doc_starts.map_or(0, |s| s[i] as usize - k0);
         row[visible..].fill(0.0);
-        let row = &mut row[..visible];
+        row[..first].fill(0.0);
+        let row = &mut row[first..visible];
         if recompute {
             let l = lse[i];
             row.iter_mut().for_each(|v| *v = (*v - l).exp());
@@ -413,8 +447,11 @@ fn block_probs(
 
 /// Causal grouped-query attention: `out` (rows·seq, heads·d) and each query's log-sum-exp
 /// `lse` (rows, heads, seq), which is all the backward pass needs besides q, k, v and out.
+/// With `doc_starts` (rows·seq: the column where each token's document starts in its row, for
+/// packed rows) a query sees only the keys of its own document.
 pub(crate) fn attention(
     dims: AttentionDims,
+    doc_starts: Option<&[u32]>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -426,6 +463,7 @@ pub(crate) fn attention(
     let lse_ptr = SendPtr(lse.as_mut_ptr());
     dims.tasks().for_each(|(row, kvh)| {
         let base = row * seq;
+        let starts = doc_starts.map(|s| &s[base..base + seq]);
         let (k, v) = dims.kv_views(k, v, row, kvh);
         let mut p = vec![0f32; BLOCK * seq];
         for h in dims.query_heads(kvh) {
@@ -436,14 +474,15 @@ pub(crate) fn attention(
             };
             for r0 in (0..seq).step_by(BLOCK) {
                 let n = BLOCK.min(seq - r0);
-                let keys = r0 + n;
-                block_probs(q, k, r0, n, dims.scale, &mut p, &mut lse[r0..r0 + n], false);
+                let block = QueryBlock::new(r0, n, starts);
+                let keys = block.keys();
+                block_probs(q, k, block, dims.scale, &mut p, &mut lse[r0..r0 + n], false);
                 let o =
                     unsafe { MatOut::block(out_ptr.get(), base + r0, n, h * d, d, dims.q_width()) };
                 matmul(
                     o,
                     MatRef::new(&p, n, keys),
-                    v.rows(0, keys),
+                    v.rows(block.k0, keys),
                     1.0,
                     false,
                     Parallelism::None,
@@ -458,6 +497,7 @@ pub(crate) fn attention(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
     dims: AttentionDims,
+    doc_starts: Option<&[u32]>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -479,6 +519,7 @@ pub(crate) fn attention_backward(
     let (qw, kw) = (dims.q_width(), dims.kv_width());
     dims.tasks().for_each(|(row, kvh)| {
         let base = row * seq;
+        let starts = doc_starts.map(|s| &s[base..base + seq]);
         let (k, v) = dims.kv_views(k, v, row, kvh);
         let mut p = vec![0f32; BLOCK * seq];
         let mut dp = vec![0f32; BLOCK * seq];
@@ -499,14 +540,15 @@ pub(crate) fn attention_backward(
             let mut lse_rows = lse[(row * heads + h) * seq..(row * heads + h + 1) * seq].to_vec();
             for r0 in (0..seq).step_by(BLOCK) {
                 let n = BLOCK.min(seq - r0);
-                let keys = r0 + n;
-                block_probs(q, k, r0, n, scale, &mut p, &mut lse_rows[r0..r0 + n], true);
+                let block = QueryBlock::new(r0, n, starts);
+                let (k0, keys) = (block.k0, block.keys());
+                block_probs(q, k, block, scale, &mut p, &mut lse_rows[r0..r0 + n], true);
                 // Safety: this task alone writes kv head `kvh` and query head `h` of `row`.
                 let (dq_o, dk_o, dv_o) = unsafe {
                     (
                         MatOut::block(dq_ptr.get(), base + r0, n, h * d, d, qw),
-                        MatOut::block(dk_ptr.get(), base, keys, kvh * d, d, kw),
-                        MatOut::block(dv_ptr.get(), base, keys, kvh * d, d, kw),
+                        MatOut::block(dk_ptr.get(), base + k0, keys, kvh * d, d, kw),
+                        MatOut::block(dv_ptr.get(), base + k0, keys, kvh * d, d, kw),
                     )
                 };
                 let pm = MatRef::new(&p, n, keys);
@@ -515,7 +557,7 @@ pub(crate) fn attention_backward(
                 matmul(
                     MatOut::new(&mut dp, n, keys),
                     go.rows(r0, n),
-                    v.rows(0, keys).t(),
+                    v.rows(k0, keys).t(),
                     1.0,
                     false,
                     Parallelism::None,
@@ -532,7 +574,7 @@ pub(crate) fn attention_backward(
                     }
                 }
                 let ds = MatRef::new(&dp, n, keys);
-                matmul(dq_o, ds, k.rows(0, keys), scale, false, Parallelism::None);
+                matmul(dq_o, ds, k.rows(k0, keys), scale, false, Parallelism::None);
                 matmul(dk_o, ds.t(), q.rows(r0, n), scale, true, Parallelism::None);
             }
         }

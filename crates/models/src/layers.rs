@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use crate::frozen::{apply_flattened, FrozenDenseMatMul, FrozenQuantizedMatMul};
 use crate::lora::LoraLinear;
+use crate::nf4::Nf4Tensor;
 use crate::qmatmul_cpu::CpuQMatMul;
 
 /// Which kernels a forward pass uses.
@@ -40,6 +41,11 @@ pub enum Linear {
         cpu_kernel: Option<Arc<CpuQMatMul>>,
         bias: Option<Tensor>,
     },
+    /// A frozen layer in NF4 (QLoRA's base format), dequantized on the fly.
+    Nf4 {
+        weight: Arc<Nf4Tensor>,
+        bias: Option<Tensor>,
+    },
     /// A frozen layer with a trainable low-rank update.
     Lora(Arc<LoraLinear>),
 }
@@ -64,7 +70,9 @@ impl Linear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
-            Self::Dense { bias, .. } | Self::Quantized { bias, .. } => bias.as_ref(),
+            Self::Dense { bias, .. } | Self::Quantized { bias, .. } | Self::Nf4 { bias, .. } => {
+                bias.as_ref()
+            }
             Self::Lora(lora) => lora.base.bias(),
         }
     }
@@ -74,6 +82,7 @@ impl Linear {
         match self {
             Self::Dense { weight, .. } => weight.dims2(),
             Self::Quantized { source, .. } => source.shape().dims2(),
+            Self::Nf4 { weight, .. } => Ok(weight.dims()),
             Self::Lora(lora) => lora.base.shape(),
         }
     }
@@ -83,6 +92,10 @@ impl Linear {
         Ok(match self {
             Self::Quantized { source, bias, .. } => Self::Dense {
                 weight: source.dequantize(device)?.to_dtype(dtype)?,
+                bias: bias.clone(),
+            },
+            Self::Nf4 { weight, bias } => Self::Dense {
+                weight: weight.dequantize(device, dtype)?,
                 bias: bias.clone(),
             },
             other => other.clone(),
@@ -133,6 +146,7 @@ impl Linear {
         match self {
             Self::Dense { weight, .. } => Ok(weight.clone()),
             Self::Quantized { source, .. } => source.dequantize(device),
+            Self::Nf4 { weight, .. } => weight.dequantize(device, DType::F32),
             Self::Lora(lora) => lora.merged_weight(device),
         }
     }
@@ -142,6 +156,7 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = match self {
             Self::Lora(lora) => return lora.forward(xs),
+            Self::Nf4 { weight, .. } => crate::nf4::frozen_nf4_matmul(xs, weight)?,
             // Training through a frozen layer: the gradient goes to the input only.
             Self::Dense { weight, .. } if xs.track_op() && !weight.track_op() => apply_flattened(
                 xs,
@@ -494,6 +509,54 @@ pub fn attention_mask(
         ));
     }
     Ok(Some(mask))
+}
+
+/// The additive mask (b, 1, seq, seq) of packed rows: a query sees the keys from its
+/// document's start to itself (and within `sliding_window`). `doc_starts` (b·seq, row-major):
+/// the column where each token's document starts in its row.
+pub fn packed_attention_mask(
+    batch: usize,
+    seq: usize,
+    doc_starts: &[u32],
+    sliding_window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    if doc_starts.len() != batch * seq {
+        candle_core::bail!(
+            "document starts for {} tokens, the batch has {}",
+            doc_starts.len(),
+            batch * seq
+        )
+    }
+    let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
+    for (t, &start) in doc_starts.iter().enumerate() {
+        let query = t % seq;
+        let start = (start as usize).min(query);
+        let first = sliding_window.map_or(start, |w| start.max((query + 1).saturating_sub(w)));
+        mask[t * seq + first..=t * seq + query].fill(0.0);
+    }
+    Tensor::from_vec(mask, (batch, 1, seq, seq), device)?.to_dtype(dtype)
+}
+
+/// Each token's rotary position in packed rows (b, seq): its distance from its document's
+/// start.
+pub fn packed_positions(
+    batch: usize,
+    seq: usize,
+    doc_starts: &[u32],
+    device: &Device,
+) -> Result<Positions> {
+    let positions: Vec<u32> = doc_starts
+        .iter()
+        .enumerate()
+        .map(|(t, &start)| ((t % seq) as u32).saturating_sub(start))
+        .collect();
+    Ok(Positions::PerRow(Tensor::from_vec(
+        positions,
+        (batch, seq),
+        device,
+    )?))
 }
 
 /// Softmax over the last dimension.

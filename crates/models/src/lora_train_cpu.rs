@@ -12,10 +12,13 @@
 //! The gradients are the same as the candle path's (`train/tests/gradients.rs` checks the two
 //! against each other); the path is used where [`unsupported_reason`] is `None`.
 
-use candle_core::{bail, DType, Device, Result, Storage, StorageRef, Tensor, TensorId};
+use std::cell::RefCell;
+
+use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use rayon::prelude::*;
 
 use crate::cpu_train_kernels::{self as k, AttentionDims, MatOut, MatRef};
+use crate::cpu_train_weights::{frozen_base, frozen_dense, BaseWeight, Held};
 use crate::layers::{Embedding, Linear};
 use crate::lora::{DropoutDraw, LoraLinear};
 use crate::transformer::{CausalLm, DecoderLayer};
@@ -27,6 +30,10 @@ pub struct ScoredBatch<'a> {
     pub ids: &'a [u32],
     pub rows: usize,
     pub len: usize,
+    /// Packed rows: for every token (rows, len) the column where its document starts in its
+    /// row. A token then attends only to its own document's earlier tokens, and its rotary
+    /// position counts from that start. `None`: one document per row.
+    pub doc_starts: Option<&'a [u32]>,
     /// Flat positions (`row · len + column`) whose next token is scored…
     pub positions: &'a [u32],
     /// …and that token.
@@ -75,52 +82,18 @@ pub fn unsupported_reason(lm: &CausalLm) -> Option<String> {
         for linear in layer.linears() {
             let covered = match linear {
                 Linear::Lora(lora) => {
-                    frozen_dense(&lora.base)
+                    frozen_base(&lora.base)
                         && lora.a.dtype() == DType::F32
                         && lora.b.dtype() == DType::F32
                 }
-                other => frozen_dense(other),
+                other => frozen_base(other),
             };
             if !covered {
-                return Some(
-                    "a quantized or trainable base layer (QLoRA, full fine-tuning)".into(),
-                );
+                return Some("a trainable base layer (full fine-tuning)".into());
             }
         }
     }
     None
-}
-
-fn frozen_dense(linear: &Linear) -> bool {
-    matches!(linear, Linear::Dense { weight, .. } if !weight.is_variable() && weight.dtype() == DType::F32)
-}
-
-/// A tensor's f32 data, borrowed for as long as the guard lives.
-struct Held<'a> {
-    guard: StorageRef<'a>,
-    start: usize,
-    len: usize,
-}
-
-impl<'a> Held<'a> {
-    fn new(t: &'a Tensor) -> Result<Self> {
-        let (guard, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("CPU training path: a non-contiguous weight")
-        };
-        Ok(Self {
-            guard,
-            start,
-            len: end - start,
-        })
-    }
-
-    fn get(&self) -> Result<&[f32]> {
-        match &*self.guard {
-            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.start..self.start + self.len]),
-            _ => bail!("CPU training path: a weight is not on the CPU"),
-        }
-    }
 }
 
 /// What one LoRA update kept for its backward pass.
@@ -130,29 +103,26 @@ struct LoraSaved {
     draw: Option<DropoutDraw>,
 }
 
-/// A covered layer's frozen weight (out, in), bias and LoRA update.
-fn dense_parts(linear: &Linear) -> Result<(&Tensor, Option<&Tensor>, Option<&LoraLinear>)> {
+/// A covered layer's frozen base, its (out, in) and its LoRA update.
+fn base_parts(linear: &Linear) -> Result<(&Linear, (usize, usize), Option<&LoraLinear>)> {
     let (base, lora) = match linear {
         Linear::Lora(lora) => (&lora.base, Some(lora.as_ref())),
         other => (other, None),
     };
-    let Linear::Dense { weight, bias } = base else {
-        bail!("CPU training path: a base layer that is not dense")
-    };
-    Ok((weight, bias.as_ref(), lora))
+    Ok((base, base.shape()?, lora))
 }
 
 /// `y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ` into `y` (tokens, out).
 fn linear_forward(
     linear: &Linear,
+    scratch: &RefCell<Vec<f32>>,
     x: &[f32],
     tokens: usize,
     replay: Option<Option<DropoutDraw>>,
     y: &mut [f32],
 ) -> Result<Option<LoraSaved>> {
-    let (weight, bias, lora) = dense_parts(linear)?;
-    let (out, inp) = weight.dims2()?;
-    let w = Held::new(weight)?;
+    let (base, (out, inp), lora) = base_parts(linear)?;
+    let w = BaseWeight::new(base, scratch)?;
     k::matmul(
         MatOut::new(y, tokens, out),
         MatRef::new(x, tokens, inp),
@@ -161,7 +131,8 @@ fn linear_forward(
         false,
         k::threads(),
     );
-    if let Some(bias) = bias {
+    drop(w);
+    if let Some(bias) = base.bias() {
         let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         y.par_chunks_mut(out).for_each(|row| {
             row.iter_mut().zip(&bias).for_each(|(y, b)| *y += b);
@@ -205,6 +176,7 @@ fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     linear: &Linear,
+    scratch: &RefCell<Vec<f32>>,
     x: &[f32],
     saved: Option<&LoraSaved>,
     tokens: usize,
@@ -213,9 +185,8 @@ fn linear_backward(
     accumulate: bool,
     grads: &mut Vec<(TensorId, Tensor)>,
 ) -> Result<()> {
-    let (weight, _, lora) = dense_parts(linear)?;
-    let (out, inp) = weight.dims2()?;
-    let w = Held::new(weight)?;
+    let (base, (out, inp), lora) = base_parts(linear)?;
+    let w = BaseWeight::new(base, scratch)?;
     k::matmul(
         MatOut::new(dx, tokens, inp),
         MatRef::new(dy, tokens, out),
@@ -224,6 +195,7 @@ fn linear_backward(
         accumulate,
         k::threads(),
     );
+    drop(w);
     let (Some(lora), Some(saved)) = (lora, saved) else {
         return Ok(());
     };
@@ -338,6 +310,11 @@ struct Pass<'a> {
     seq: usize,
     cos: &'a [f32],
     sin: &'a [f32],
+    /// Each token's rotary position (rows·seq).
+    positions: Vec<u32>,
+    doc_starts: Option<&'a [u32]>,
+    /// Where quantized base weights are dequantized, one at a time.
+    scratch: RefCell<Vec<f32>>,
 }
 
 impl Pass<'_> {
@@ -364,7 +341,14 @@ fn layer_forward(
     let mut lora: [Option<LoraSaved>; 7] = Default::default();
     let mut run = |i: usize, input: &[f32], width: usize| -> Result<Vec<f32>> {
         let mut y = vec![0f32; t * width];
-        lora[i] = linear_forward(linears[i], input, t, replay.map(|r| r[i]), &mut y)?;
+        lora[i] = linear_forward(
+            linears[i],
+            &pass.scratch,
+            input,
+            t,
+            replay.map(|r| r[i]),
+            &mut y,
+        )?;
         Ok(y)
     };
     let norm1 = &layer.input_layernorm;
@@ -374,19 +358,20 @@ fn layer_forward(
     let mut q = run(0, &n1, heads * d)?;
     let mut kk = run(1, &n1, kv_heads * d)?;
     let v = run(2, &n1, kv_heads * d)?;
-    k::rope(&mut q, heads * d, d, pass.seq, pass.cos, pass.sin, false);
+    let positions = &pass.positions;
+    k::rope(&mut q, heads * d, d, positions, pass.cos, pass.sin, false);
     k::rope(
         &mut kk,
         kv_heads * d,
         d,
-        pass.seq,
+        positions,
         pass.cos,
         pass.sin,
         false,
     );
     let dims = attention_dims(layer, pass);
     let mut attn = vec![0f32; t * heads * d];
-    let lse = k::attention(dims, &q, &kk, &v, &mut attn);
+    let lse = k::attention(dims, pass.doc_starts, &q, &kk, &v, &mut attn);
     let mut h2 = run(3, &attn, hidden)?;
     h2.par_iter_mut().zip(&x).for_each(|(h, x)| *h += x);
     let norm2 = &layer.pre_mlp_norm;
@@ -454,6 +439,7 @@ fn layer_backward(
     let mut dm = vec![0f32; t * inter];
     linear_backward(
         linears[6],
+        &pass.scratch,
         &m,
         s.lora[6].as_ref(),
         t,
@@ -468,6 +454,7 @@ fn layer_backward(
     let mut dn2 = vec![0f32; t * hidden];
     linear_backward(
         linears[4],
+        &pass.scratch,
         &s.n2,
         s.lora[4].as_ref(),
         t,
@@ -478,6 +465,7 @@ fn layer_backward(
     )?;
     linear_backward(
         linears[5],
+        &pass.scratch,
         &s.n2,
         s.lora[5].as_ref(),
         t,
@@ -494,6 +482,7 @@ fn layer_backward(
     let mut d_attn = vec![0f32; t * heads * d];
     linear_backward(
         linears[3],
+        &pass.scratch,
         &s.attn,
         s.lora[3].as_ref(),
         t,
@@ -506,14 +495,34 @@ fn layer_backward(
     let mut dk = vec![0f32; t * kv_heads * d];
     let mut dv = vec![0f32; t * kv_heads * d];
     k::attention_backward(
-        dims, &s.q, &s.k, &s.v, &s.attn, &s.lse, &d_attn, &mut dq, &mut dk, &mut dv,
+        dims,
+        pass.doc_starts,
+        &s.q,
+        &s.k,
+        &s.v,
+        &s.attn,
+        &s.lse,
+        &d_attn,
+        &mut dq,
+        &mut dk,
+        &mut dv,
     );
     drop(d_attn);
-    k::rope(&mut dq, heads * d, d, pass.seq, pass.cos, pass.sin, true);
-    k::rope(&mut dk, kv_heads * d, d, pass.seq, pass.cos, pass.sin, true);
+    let positions = &pass.positions;
+    k::rope(&mut dq, heads * d, d, positions, pass.cos, pass.sin, true);
+    k::rope(
+        &mut dk,
+        kv_heads * d,
+        d,
+        positions,
+        pass.cos,
+        pass.sin,
+        true,
+    );
     let mut dn1 = vec![0f32; t * hidden];
     linear_backward(
         linears[0],
+        &pass.scratch,
         &s.n1,
         s.lora[0].as_ref(),
         t,
@@ -524,6 +533,7 @@ fn layer_backward(
     )?;
     linear_backward(
         linears[1],
+        &pass.scratch,
         &s.n1,
         s.lora[1].as_ref(),
         t,
@@ -534,6 +544,7 @@ fn layer_backward(
     )?;
     linear_backward(
         linears[2],
+        &pass.scratch,
         &s.n1,
         s.lora[2].as_ref(),
         t,
@@ -623,6 +634,29 @@ fn lm_head_loss(
     Ok(loss)
 }
 
+/// Each token's rotary position: its column, or (packed rows) its distance from its
+/// document's start.
+fn token_positions(rows: usize, seq: usize, doc_starts: Option<&[u32]>) -> Result<Vec<u32>> {
+    let columns = (0..rows * seq).map(|t| (t % seq) as u32);
+    let Some(starts) = doc_starts else {
+        return Ok(columns.collect());
+    };
+    if starts.len() != rows * seq {
+        bail!(
+            "CPU training path: document starts for {} tokens, the batch has {}",
+            starts.len(),
+            rows * seq
+        )
+    }
+    columns
+        .zip(starts)
+        .map(|(column, &start)| match column.checked_sub(start) {
+            Some(position) => Ok(position),
+            None => bail!("CPU training path: a document starting after one of its tokens"),
+        })
+        .collect()
+}
+
 /// The summed loss of `batch` and the LoRA gradients of `loss_sum / total_targets`.
 /// With `checkpointing` a layer's activations are recomputed in the backward pass from its
 /// input (one extra forward pass; memory of one layer instead of all).
@@ -649,6 +683,9 @@ pub fn loss_and_grads(
         seq,
         cos: cos.get()?,
         sin: sin.get()?,
+        positions: token_positions(rows, seq, batch.doc_starts)?,
+        doc_starts: batch.doc_starts,
+        scratch: RefCell::new(Vec::new()),
     };
     let ids = Tensor::from_slice(batch.ids, (rows, seq), &lm.device)?;
     let mut x = lm.embed(&ids)?.flatten_all()?.to_vec1::<f32>()?;

@@ -157,7 +157,7 @@ impl CausalLm {
             self.embed_tokens = Embedding::Dense(table.dequantize(&device)?.to_dtype(dtype)?);
         }
         self.visit_linears_mut(|_, linear| {
-            if matches!(linear, Linear::Quantized { .. }) {
+            if matches!(linear, Linear::Quantized { .. } | Linear::Nf4 { .. }) {
                 *linear = linear.dequantized(dtype, &device)?;
                 return Ok(true);
             }

@@ -16,6 +16,8 @@ use crate::transformer::{CausalLm, ForwardOptions};
 #[derive(Debug)]
 pub struct Recompute {
     ids: Tensor,
+    /// Packed rows' document starts (see `ForwardOptions::doc_starts`).
+    doc_starts: Option<Vec<u32>>,
     /// The input of every layer, then the input of the final norm; all detached.
     inputs: Vec<Tensor>,
     /// Where each layer's LoRA dropout masks started, so that its recomputation draws the
@@ -25,11 +27,17 @@ pub struct Recompute {
 
 impl CausalLm {
     /// ids (b, seq) → the final normed hidden states (b, seq, hidden), detached from any graph,
-    /// and what [`Self::backward_recomputed`] needs.
-    pub fn hidden_states_recomputed(&self, ids: &Tensor) -> Result<(Tensor, Recompute)> {
+    /// and what [`Self::backward_recomputed`] needs. `doc_starts`: packed rows, as
+    /// [`ForwardOptions::doc_starts`].
+    pub fn hidden_states_recomputed(
+        &self,
+        ids: &Tensor,
+        doc_starts: Option<&[u32]>,
+    ) -> Result<(Tensor, Recompute)> {
         let (b, seq) = ids.dims2()?;
         let options = ForwardOptions {
             mode: Mode::Differentiable,
+            doc_starts,
             ..ForwardOptions::default()
         };
         let step = self.step(b, seq, 0, &options, false)?;
@@ -47,6 +55,7 @@ impl CausalLm {
             hidden,
             Recompute {
                 ids: ids.clone(),
+                doc_starts: doc_starts.map(<[u32]>::to_vec),
                 inputs,
                 dropout_positions,
             },
@@ -65,6 +74,7 @@ impl CausalLm {
         let (b, seq) = saved.ids.dims2()?;
         let options = ForwardOptions {
             mode: Mode::Differentiable,
+            doc_starts: saved.doc_starts.as_deref(),
             ..ForwardOptions::default()
         };
         let step = self.step(b, seq, 0, &options, false)?;

@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use crate::layers::{
-    attention_mask, softmax_last_dim, Activation, Embedding, GatedMlp, Linear, Mode, Positions,
-    RmsNorm, RopeScaling, Rotary,
+    attention_mask, packed_attention_mask, packed_positions, softmax_last_dim, Activation,
+    Embedding, GatedMlp, Linear, Mode, Positions, RmsNorm, RopeScaling, Rotary,
 };
 use crate::weights::Weights;
 
@@ -435,6 +435,10 @@ pub struct ForwardOptions<'a> {
     pub last_only: bool,
     /// Stop at the final norm: hidden states instead of logits.
     pub hidden_only: bool,
+    /// Packed rows (training, no cache): for every token (b·seq, row-major) the column where
+    /// its document starts in its row. A token then attends only to the earlier tokens of its
+    /// own document, at rotary positions counted from that start.
+    pub doc_starts: Option<&'a [u32]>,
 }
 
 impl CausalLm {
@@ -573,6 +577,9 @@ impl CausalLm {
         options: &ForwardOptions,
         use_cache: bool,
     ) -> Result<Step<'_>> {
+        if let Some(starts) = options.doc_starts {
+            return self.packed_step(b, seq, past, starts, options, use_cache);
+        }
         let positions = match options.left_padding {
             Some(padding) if padding.iter().any(|&p| p > 0) => {
                 let rows: Vec<u32> = padding
@@ -619,6 +626,33 @@ impl CausalLm {
         })
     }
 
+    /// [`Self::step`] for packed rows.
+    fn packed_step(
+        &self,
+        b: usize,
+        seq: usize,
+        past: usize,
+        doc_starts: &[u32],
+        options: &ForwardOptions,
+        use_cache: bool,
+    ) -> Result<Step<'_>> {
+        if past > 0 || use_cache || options.left_padding.is_some() {
+            candle_core::bail!("packed rows are for training: no cache and no left padding")
+        }
+        let mask =
+            |window| packed_attention_mask(b, seq, doc_starts, window, self.dtype, &self.device);
+        let window = self.spec.sliding_windows.iter().flatten().next().copied();
+        Ok(Step {
+            positions: packed_positions(b, seq, doc_starts, &self.device)?,
+            rotary: &self.rotary,
+            local_rotary: self.local_rotary.as_ref(),
+            mask: Some(mask(None)?),
+            local_mask: window.map(|w| mask(Some(w))).transpose()?,
+            mode: options.mode,
+            use_cache,
+        })
+    }
+
     /// ids (b, seq) → embeddings (b, seq, hidden), scaled where the family scales them.
     pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let xs = self.embed_tokens.forward(ids, self.dtype)?;
@@ -635,9 +669,20 @@ impl CausalLm {
     /// hidden). Training picks the positions it scores and runs [`Self::logits_from_hidden`]
     /// on those only, instead of materialising (b, seq, vocab) logits.
     pub fn hidden_states(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.hidden_states_packed(ids, mode, None)
+    }
+
+    /// [`Self::hidden_states`] of packed rows (see [`ForwardOptions::doc_starts`]).
+    pub fn hidden_states_packed(
+        &self,
+        ids: &Tensor,
+        mode: Mode,
+        doc_starts: Option<&[u32]>,
+    ) -> Result<Tensor> {
         let options = ForwardOptions {
             mode,
             hidden_only: true,
+            doc_starts,
             ..ForwardOptions::default()
         };
         self.forward(ids, None, &options)

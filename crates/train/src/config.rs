@@ -66,6 +66,8 @@ pub enum BaseQuant {
     Q8_0,
     Q4_0,
     Q4K,
+    /// bitsandbytes' 4-bit NormalFloat in blocks of 64 (the QLoRA paper's format).
+    Nf4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +176,12 @@ pub struct TrainConfig {
     /// Batches of similar lengths (less padding); the batch order is still shuffled.
     #[serde(default = "d::yes")]
     pub bucket_by_length: bool,
+    /// Lay several examples end to end in each row of up to `max_len` tokens (less padding,
+    /// fewer rows). Each keeps to itself: its tokens attend only to its own earlier tokens,
+    /// its rotary positions start at 0, its loss mask is its own. `bucket_by_length` is then
+    /// moot.
+    #[serde(default)]
+    pub packing: bool,
     /// Keep one layer's activations at a time and recompute the rest in the backward pass:
     /// far less memory for one more forward pass.
     #[serde(default)]

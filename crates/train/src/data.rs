@@ -96,17 +96,39 @@ pub fn examples_of_split(
     Ok((examples, report))
 }
 
-/// The batches (indices into the examples) of one epoch.
+/// The rows of one batch, each the indices of the examples laid end to end in it: one example
+/// per row, unless packed.
+pub type BatchRows = Vec<Vec<usize>>;
+
+/// How an epoch's examples are grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Batches of similar lengths (not packed).
+    pub bucket_by_length: bool,
+    /// Several examples per row, up to this many tokens (`None`: one per row).
+    pub pack_to: Option<usize>,
+}
+
+/// The batches of one epoch.
 pub fn epoch_batches(
     examples: &[Example],
-    batch_size: usize,
-    bucket_by_length: bool,
+    plan: &BatchPlan,
     seed: u64,
     epoch: usize,
-) -> Vec<Vec<usize>> {
+) -> Vec<BatchRows> {
     let mut state = seed ^ (epoch as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     shuffle(&mut order, &mut state);
+    let batch_size = plan.batch_size;
+    if let Some(capacity) = plan.pack_to {
+        let rows = pack_first_fit(examples, &order, capacity);
+        let mut batches: Vec<BatchRows> = rows.chunks(batch_size).map(<[_]>::to_vec).collect();
+        shuffle(&mut batches, &mut state);
+        return batches;
+    }
+    let bucket_by_length = plan.bucket_by_length;
     if bucket_by_length {
         // Sort within windows of 32 batches, so batches hold similar lengths while the epoch
         // still mixes long and short ones.
@@ -114,11 +136,52 @@ pub fn epoch_batches(
             window.sort_by_key(|&i| examples[i].ids.len());
         }
     }
-    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    let mut batches: Vec<BatchRows> = order
+        .chunks(batch_size)
+        .map(|chunk| chunk.iter().map(|&i| vec![i]).collect())
+        .collect();
     if bucket_by_length {
         shuffle(&mut batches, &mut state);
     }
     batches
+}
+
+/// Rows still open to examples while packing: first fit looks at no more than these, so that
+/// packing an epoch stays linear in its examples.
+const OPEN_ROWS: usize = 64;
+
+/// Examples (in `order`) into rows of at most `capacity` tokens: each goes into the first open
+/// row with room for it, else starts a new one. A row closes when no example could fit in it
+/// any more, or when it is the oldest of more than [`OPEN_ROWS`] open ones.
+fn pack_first_fit(examples: &[Example], order: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let shortest = examples.iter().map(|e| e.ids.len()).min().unwrap_or(1);
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    // (row, room left) of the open rows, oldest first.
+    let mut open: std::collections::VecDeque<(usize, usize)> = Default::default();
+    for &i in order {
+        let len = examples[i].ids.len();
+        match open.iter().position(|&(_, room)| room >= len) {
+            Some(at) => {
+                let (row, room) = &mut open[at];
+                rows[*row].push(i);
+                *room -= len;
+                if *room < shortest {
+                    open.remove(at);
+                }
+            }
+            None => {
+                rows.push(vec![i]);
+                let room = capacity.saturating_sub(len);
+                if room >= shortest {
+                    open.push_back((rows.len() - 1, room));
+                    if open.len() > OPEN_ROWS {
+                        open.pop_front();
+                    }
+                }
+            }
+        }
+    }
+    rows
 }
 
 fn shuffle<T>(items: &mut [T], state: &mut u64) {
@@ -137,6 +200,17 @@ pub struct PaddedBatch {
     pub ids: Vec<u32>,
     pub positions: Vec<u32>,
     pub targets: Vec<u32>,
+    /// Packed rows: for every token (b × len) the column where its document starts in its row
+    /// (the padding after the last document counts as one more), so that attention stays
+    /// within a document and rotary positions restart at each. `None`: one example per row.
+    pub doc_starts: Option<Vec<u32>>,
+}
+
+impl PaddedBatch {
+    /// Padding tokens (ids that are no example's).
+    pub fn padding(&self, examples: &[&Example]) -> usize {
+        self.rows * self.len - examples.iter().map(|e| e.ids.len()).sum::<usize>()
+    }
 }
 
 /// Right padding needs no attention mask: under the causal mask no real token sees the
@@ -149,6 +223,7 @@ pub fn pad_batch(examples: &[&Example], pad_id: u32, loss_on: LossOn) -> PaddedB
         ids: Vec::with_capacity(examples.len() * len),
         positions: Vec::new(),
         targets: Vec::new(),
+        doc_starts: None,
     };
     for (row, example) in examples.iter().enumerate() {
         batch.ids.extend_from_slice(&example.ids);
@@ -158,6 +233,39 @@ pub fn pad_batch(examples: &[&Example], pad_id: u32, loss_on: LossOn) -> PaddedB
             batch.targets.push(example.ids[t + 1]);
         }
     }
+    batch
+}
+
+/// Rows of several examples each, laid end to end and right-padded: every example keeps its
+/// own scored positions (completion-only masks per document), and `doc_starts` says where each
+/// begins.
+pub fn pack_batch(rows: &[Vec<&Example>], pad_id: u32, loss_on: LossOn) -> PaddedBatch {
+    let row_len = |row: &Vec<&Example>| row.iter().map(|e| e.ids.len()).sum::<usize>();
+    let len = rows.iter().map(row_len).max().unwrap_or(0);
+    let mut batch = PaddedBatch {
+        rows: rows.len(),
+        len,
+        ids: Vec::with_capacity(rows.len() * len),
+        positions: Vec::new(),
+        targets: Vec::new(),
+        doc_starts: Some(Vec::with_capacity(rows.len() * len)),
+    };
+    let mut starts = Vec::with_capacity(rows.len() * len);
+    for (r, row) in rows.iter().enumerate() {
+        let mut start = 0;
+        for example in row {
+            batch.ids.extend_from_slice(&example.ids);
+            starts.resize(starts.len() + example.ids.len(), start as u32);
+            for t in example.target_positions(loss_on) {
+                batch.positions.push((r * len + start + t) as u32);
+                batch.targets.push(example.ids[t + 1]);
+            }
+            start += example.ids.len();
+        }
+        batch.ids.resize((r + 1) * len, pad_id);
+        starts.resize((r + 1) * len, start as u32);
+    }
+    batch.doc_starts = Some(starts);
     batch
 }
 
@@ -236,12 +344,102 @@ mod tests {
                 prompt_len: 1,
             })
             .collect();
-        let a = epoch_batches(&examples, 4, true, 7, 0);
-        assert_eq!(a, epoch_batches(&examples, 4, true, 7, 0));
-        assert_ne!(a, epoch_batches(&examples, 4, true, 7, 1));
-        let mut seen: Vec<usize> = a.concat();
+        let plan = BatchPlan {
+            batch_size: 4,
+            bucket_by_length: true,
+            pack_to: None,
+        };
+        let a = epoch_batches(&examples, &plan, 7, 0);
+        assert_eq!(a, epoch_batches(&examples, &plan, 7, 0));
+        assert_ne!(a, epoch_batches(&examples, &plan, 7, 1));
+        let mut seen: Vec<usize> = a.concat().concat();
         seen.sort_unstable();
         assert_eq!(seen, (0..23).collect::<Vec<_>>());
         assert_eq!(a.iter().filter(|b| b.len() < 4).count(), 1);
+        assert!(a.iter().flatten().all(|row| row.len() == 1));
+    }
+
+    #[test]
+    fn packing_fills_rows_with_fewer_rows_and_less_padding_and_keeps_documents_apart() {
+        let examples: Vec<Example> = (0..40)
+            .map(|i| Example {
+                doc_id: i.to_string(),
+                ids: (0..(4 + i * 7 % 29) as u32).map(|t| 100 + t).collect(),
+                prompt_len: 3,
+            })
+            .collect();
+        let plan = BatchPlan {
+            batch_size: 4,
+            bucket_by_length: true,
+            pack_to: None,
+        };
+        let packed_plan = BatchPlan {
+            pack_to: Some(64),
+            ..plan
+        };
+        let rows_and_padding = |plan: &BatchPlan| -> (usize, usize) {
+            let batches = epoch_batches(&examples, plan, 3, 0);
+            let mut count = (0, 0);
+            for batch in &batches {
+                let rows: Vec<Vec<&Example>> = batch
+                    .iter()
+                    .map(|row| row.iter().map(|&i| &examples[i]).collect())
+                    .collect();
+                let all: Vec<&Example> = rows.concat();
+                let padded = match plan.pack_to {
+                    Some(_) => pack_batch(&rows, 0, LossOn::Completion),
+                    None => pad_batch(&all, 0, LossOn::Completion),
+                };
+                count.0 += padded.rows;
+                count.1 += padded.padding(&all);
+            }
+            count
+        };
+        let plain = rows_and_padding(&plan);
+        let packed = rows_and_padding(&packed_plan);
+        assert!(packed.0 * 2 < plain.0, "rows: {packed:?} vs {plain:?}");
+        assert!(packed.1 < plain.1, "padding: {packed:?} vs {plain:?}");
+        let batches = epoch_batches(&examples, &packed_plan, 3, 0);
+        assert_eq!(batches, epoch_batches(&examples, &packed_plan, 3, 0));
+        let mut seen: Vec<usize> = batches.concat().concat();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>());
+        for row in batches.iter().flatten() {
+            let len: usize = row.iter().map(|&i| examples[i].ids.len()).sum();
+            assert!(len <= 64, "a row of {len} tokens");
+        }
+    }
+
+    #[test]
+    fn a_packed_row_scores_each_document_as_alone() {
+        let a = Example {
+            doc_id: "a".into(),
+            ids: vec![5, 6, 7, 8],
+            prompt_len: 2,
+        };
+        let b = Example {
+            doc_id: "b".into(),
+            ids: vec![1, 2, 3],
+            prompt_len: 2,
+        };
+        let c = Example {
+            doc_id: "c".into(),
+            ids: vec![9, 10],
+            prompt_len: 1,
+        };
+        let batch = pack_batch(&[vec![&a, &b], vec![&c]], 0, LossOn::Completion);
+        assert_eq!((batch.rows, batch.len), (2, 7));
+        assert_eq!(batch.ids, vec![5, 6, 7, 8, 1, 2, 3, 9, 10, 0, 0, 0, 0, 0]);
+        // a: columns 1, 2 predict 7, 8; b (from column 4): column 5 predicts 3; c: 0 → 10
+        assert_eq!(batch.positions, vec![1, 2, 5, 7]);
+        assert_eq!(batch.targets, vec![7, 8, 3, 10]);
+        assert_eq!(
+            batch.doc_starts,
+            Some(vec![0, 0, 0, 0, 4, 4, 4, 0, 0, 2, 2, 2, 2, 2])
+        );
+        // The last target of a document is its own last token, never the next document's first.
+        let unpacked = pad_batch(&[&a, &b, &c], 0, LossOn::Completion);
+        assert_eq!(unpacked.targets, batch.targets);
+        assert_eq!(batch.padding(&[&a, &b, &c]), 5);
     }
 }

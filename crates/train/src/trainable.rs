@@ -12,6 +12,7 @@ use medcoder_models::layers::Linear;
 use medcoder_models::lora::{
     lora_scale, peft_tensor_name, LoraDropout, LoraLinear, PeftAdapterConfig,
 };
+use medcoder_models::nf4::Nf4Tensor;
 use medcoder_models::CausalLm;
 
 use crate::config::{BaseQuant, LoraSettings, Method, TrainConfig};
@@ -123,6 +124,7 @@ fn quantize_linears(lm: &mut CausalLm, quant: BaseQuant) -> Result<(), TrainErro
         BaseQuant::Q8_0 => GgmlDType::Q8_0,
         BaseQuant::Q4_0 => GgmlDType::Q4_0,
         BaseQuant::Q4K => GgmlDType::Q4K,
+        BaseQuant::Nf4 => return quantize_linears_nf4(lm),
     };
     let device = lm.device().clone();
     lm.visit_linears_mut(|name, linear| {
@@ -151,6 +153,25 @@ fn quantize_linears(lm: &mut CausalLm, quant: BaseQuant) -> Result<(), TrainErro
             QTensor::new(storage, q.shape().clone())?
         };
         *linear = Linear::quantized(Arc::new(q), bias.clone())?;
+        Ok(true)
+    })?;
+    Ok(())
+}
+
+/// Every dense linear layer but the LM head into NF4 (any row length: its blocks of 64 run
+/// over the flattened weight, as bitsandbytes').
+fn quantize_linears_nf4(lm: &mut CausalLm) -> Result<(), TrainError> {
+    lm.visit_linears_mut(|name, linear| {
+        if name == "lm_head" {
+            return Ok(false);
+        }
+        let Linear::Dense { weight, bias } = linear else {
+            return Ok(false);
+        };
+        *linear = Linear::Nf4 {
+            weight: Arc::new(Nf4Tensor::quantize(weight)?),
+            bias: bias.clone(),
+        };
         Ok(true)
     })?;
     Ok(())

@@ -16,7 +16,10 @@ use serde::Serialize;
 
 use crate::checkpoint::{list_checkpoints, restore, save_checkpoint, TrainerState};
 use crate::config::TrainConfig;
-use crate::data::{epoch_batches, examples_of_split, pad_batch, Example, PaddedBatch};
+use crate::data::{
+    epoch_batches, examples_of_split, pack_batch, pad_batch, BatchPlan, BatchRows, Example,
+    PaddedBatch,
+};
 use crate::metrics::{peak_rss_mib, MetricsLog, MetricsRecord};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::trainable::{make_trainable, Trainable};
@@ -70,7 +73,9 @@ pub struct Trainer<'a> {
     train: Vec<Example>,
     eval: Vec<Example>,
     state: TrainerState,
-    batches_per_epoch: usize,
+    /// The batches of one epoch (a pure function of the seed and the epoch), kept for the
+    /// steps of that epoch.
+    epoch_plan: Option<(usize, Vec<BatchRows>)>,
 }
 
 impl std::fmt::Debug for Trainer<'_> {
@@ -164,12 +169,19 @@ impl<'a> Trainer<'a> {
         let trainable = make_trainable(&mut lm, config, quantized)?;
         let mut optimizer = AdamW::new(config.optimizer.clone(), trainable.vars.clone())?;
         let device = lm.device().clone();
-        let batches_per_epoch = train.len().div_ceil(config.batch_size);
-        let steps_per_epoch = batches_per_epoch.div_ceil(config.grad_accum);
-        let total_steps = config
-            .max_steps
-            .unwrap_or(steps_per_epoch * config.epochs)
-            .max(1);
+        let total_steps = match config.max_steps {
+            Some(steps) => steps,
+            // An optimizer step does not straddle two epochs; packed epochs may differ in
+            // their number of batches.
+            None => (0..config.epochs)
+                .map(|epoch| {
+                    epoch_batches(&train, &batch_plan(config), config.seed, epoch)
+                        .len()
+                        .div_ceil(config.grad_accum)
+                })
+                .sum(),
+        }
+        .max(1);
         fs_err::create_dir_all(run_dir)?;
         let config_yaml = config.to_yaml()?;
         let mut state = TrainerState {
@@ -197,7 +209,7 @@ impl<'a> Trainer<'a> {
             train,
             eval,
             state,
-            batches_per_epoch,
+            epoch_plan: None,
         })
     }
 
@@ -311,53 +323,60 @@ impl<'a> Trainer<'a> {
 
     /// The micro-batches of the next optimizer step, advancing the data cursor; `None` when
     /// the epochs are done (without `max_steps`, which cycles through epochs).
-    fn next_micro_batches(&mut self) -> Option<Vec<Vec<usize>>> {
+    fn next_micro_batches(&mut self) -> Option<Vec<BatchRows>> {
         let mut micro = Vec::new();
-        let mut batches = epoch_batches(
-            &self.train,
-            self.config.batch_size,
-            self.config.bucket_by_length,
-            self.config.seed,
-            self.state.epoch,
-        );
         while micro.len() < self.config.grad_accum {
-            if self.state.batch_in_epoch >= self.batches_per_epoch {
+            let in_epoch = self.epoch_batches().len();
+            if self.state.batch_in_epoch >= in_epoch {
                 if self.config.max_steps.is_none() && self.state.epoch + 1 >= self.config.epochs {
                     break;
                 }
                 self.state.epoch += 1;
                 self.state.batch_in_epoch = 0;
-                batches = epoch_batches(
-                    &self.train,
-                    self.config.batch_size,
-                    self.config.bucket_by_length,
-                    self.config.seed,
-                    self.state.epoch,
-                );
                 if !micro.is_empty() {
                     // An optimizer step does not straddle two epochs.
                     break;
                 }
             }
-            micro.push(batches[self.state.batch_in_epoch].clone());
+            let index = self.state.batch_in_epoch;
+            micro.push(self.epoch_batches()[index].clone());
             self.state.batch_in_epoch += 1;
         }
         (!micro.is_empty()).then_some(micro)
     }
 
-    fn train_step(&mut self, micro: &[Vec<usize>]) -> Result<MetricsRecord, TrainError> {
+    /// The batches of the current epoch, planned once per epoch.
+    fn epoch_batches(&mut self) -> &[BatchRows] {
+        let epoch = self.state.epoch;
+        if self.epoch_plan.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let plan = batch_plan(self.config);
+            let batches = epoch_batches(&self.train, &plan, self.config.seed, epoch);
+            self.epoch_plan = Some((epoch, batches));
+        }
+        self.epoch_plan.as_ref().map_or(&[], |(_, b)| b.as_slice())
+    }
+
+    fn train_step(&mut self, micro: &[BatchRows]) -> Result<MetricsRecord, TrainError> {
         let started = Instant::now();
         let loss_on = self.config.loss_on;
         let batches: Vec<PaddedBatch> = micro
             .iter()
-            .map(|indices| {
-                let examples: Vec<&Example> = indices.iter().map(|&i| &self.train[i]).collect();
-                pad_batch(&examples, self.pad_id, loss_on)
+            .map(|rows| {
+                let rows: Vec<Vec<&Example>> = rows
+                    .iter()
+                    .map(|row| row.iter().map(|&i| &self.train[i]).collect())
+                    .collect();
+                if self.config.packing {
+                    pack_batch(&rows, self.pad_id, loss_on)
+                } else {
+                    pad_batch(&rows.concat(), self.pad_id, loss_on)
+                }
             })
             .collect();
         let total_targets: usize = batches.iter().map(|b| b.targets.len()).sum();
         let real_tokens: usize = micro
             .iter()
+            .flatten()
             .flatten()
             .map(|&i| self.train[i].ids.len())
             .sum();
@@ -535,6 +554,14 @@ impl<'a> Trainer<'a> {
     }
 }
 
+fn batch_plan(config: &TrainConfig) -> BatchPlan {
+    BatchPlan {
+        batch_size: config.batch_size,
+        bucket_by_length: config.bucket_by_length,
+        pack_to: config.packing.then_some(config.max_len),
+    }
+}
+
 /// (start, len) chunks of `rows` so that no chunk's logits exceed the element budget.
 fn logit_chunks(rows: usize, vocab: usize) -> Vec<(usize, usize)> {
     let per = (LOGITS_CHUNK_ELEMENTS / vocab.max(1)).max(1);
@@ -587,6 +614,7 @@ pub fn batch_loss_and_grads(
             len: batch.len,
             positions: &batch.positions,
             targets: &batch.targets,
+            doc_starts: batch.doc_starts.as_deref(),
         };
         let out = lora_train_cpu::loss_and_grads(lm, &scored, total_targets, checkpointing)?;
         let mut by_id: HashMap<TensorId, Tensor> = out.grads.into_iter().collect();
@@ -611,10 +639,14 @@ pub fn autograd_loss_and_grads(
 ) -> Result<(f64, Vec<Option<Tensor>>), TrainError> {
     let ids = Tensor::from_vec(batch.ids.clone(), (batch.rows, batch.len), device)?;
     let (graph, saved) = if checkpointing {
-        let (hidden, saved) = lm.hidden_states_recomputed(&ids)?;
+        let (hidden, saved) = lm.hidden_states_recomputed(&ids, batch.doc_starts.as_deref())?;
         (hidden, Some(saved))
     } else {
-        (lm.hidden_states(&ids, Mode::Differentiable)?, None)
+        let doc_starts = batch.doc_starts.as_deref();
+        (
+            lm.hidden_states_packed(&ids, Mode::Differentiable, doc_starts)?,
+            None,
+        )
     };
     let (b, len, h) = graph.dims3()?;
     let detached = Var::from_tensor(&graph.detach().reshape((b * len, h))?)?;

@@ -2,13 +2,17 @@
 //! (`medcoder_models::lora_train_cpu`) and candle's autograd give the same loss and LoRA
 //! gradients, with and without dropout and gradient checkpointing, on sequences long enough
 //! to span several attention blocks; and checkpointed autograd equals plain autograd for the
-//! families and methods the CPU pass leaves to it.
+//! families and methods the CPU pass leaves to it; QLoRA bases (GGUF blocks, NF4) dequantized
+//! layer by layer in the CPU pass give autograd's loss and gradients too.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
+use medcoder_models::layers::Linear;
 use medcoder_models::loader::load_hf_dir;
+use medcoder_models::lora::LoraLinear;
 use medcoder_models::lora_train_cpu::unsupported_reason;
 use medcoder_models::CausalLm;
 use medcoder_train::config::LossOn;
@@ -177,4 +181,74 @@ fn families_and_modes_the_cpu_pass_does_not_cover_fall_back_to_autograd() {
     let mut lm = load("llama");
     make_trainable(&mut lm, &full_config(), false).unwrap();
     assert!(unsupported_reason(&lm).is_some(), "full fine-tuning");
+}
+
+#[test]
+fn qlora_bases_run_on_the_cpu_pass_with_autograds_loss_and_gradients() {
+    for family in ["llama", "qwen2"] {
+        for quant in ["q8_0", "q4_0", "nf4"] {
+            let mut lm = load(family);
+            let config = TrainConfig::from_yaml(
+                "model: tiny\ndb: none.duckdb\ndataset: none\noutput_dir: none\n\
+                 method: qlora\nlora: {r: 4, alpha: 8}\n",
+                &[format!("qlora_quant={quant}")],
+                "test",
+            )
+            .unwrap();
+            let trainable = make_trainable(&mut lm, &config, false).unwrap();
+            for (name, var) in &trainable.vars {
+                if name.contains("lora_B") {
+                    var.set(&Tensor::randn(0f32, 0.1, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                }
+            }
+            assert_eq!(unsupported_reason(&lm), None, "{family} {quant}");
+            let vars: Vec<Var> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
+            let batch = batch();
+            let n = batch.targets.len() as f64;
+            // What the CPU pass computes: the LoRA model on the dequantized base.
+            let mut dequantized = lm.clone();
+            dequantized
+                .visit_linears_mut(|_, linear| {
+                    let Linear::Lora(lora) = linear else {
+                        return Ok(false);
+                    };
+                    *linear = Linear::Lora(Arc::new(LoraLinear {
+                        base: lora.base.dequantized(DType::F32, &Device::Cpu)?,
+                        a: lora.a.clone(),
+                        b: lora.b.clone(),
+                        scale: lora.scale,
+                        dropout: lora.dropout.clone(),
+                    }));
+                    Ok(true)
+                })
+                .unwrap();
+            let want = autograd_loss_and_grads(&dequantized, &batch, n, &vars, &Device::Cpu, false)
+                .unwrap();
+            for checkpointing in [false, true] {
+                let (loss, got) =
+                    batch_loss_and_grads(&lm, &batch, n, &vars, &Device::Cpu, checkpointing)
+                        .unwrap();
+                let case = format!("{family} {quant}, cpu pass, checkpointing {checkpointing}");
+                assert_same(&case, &trainable, (want.0, &want.1), (loss, &got));
+            }
+            // Autograd on the quantized base itself: the same for NF4 (dequantized by both);
+            // close in loss on GGUF blocks, whose forward product in autograd quantizes the
+            // activations to 8 bits as llama.cpp does (gradients then differ by a few %).
+            let on_blocks =
+                autograd_loss_and_grads(&lm, &batch, n, &vars, &Device::Cpu, false).unwrap();
+            let (loss, got) =
+                batch_loss_and_grads(&lm, &batch, n, &vars, &Device::Cpu, false).unwrap();
+            let case = format!("{family} {quant}, cpu pass vs autograd on the quantized base");
+            if quant == "nf4" {
+                assert_same(&case, &trainable, (on_blocks.0, &on_blocks.1), (loss, &got));
+            } else {
+                assert!(
+                    (loss - on_blocks.0).abs() <= 2e-3 * loss,
+                    "{case}: {loss} vs {}",
+                    on_blocks.0
+                );
+            }
+        }
+    }
 }
