@@ -75,8 +75,7 @@ pub fn write_lmstudio_layout(
     })?;
     crate::atomic::sync_dir(&dir);
     let readme = root.join("README.md");
-    let relative = format!("{publisher}/{repo}/{}", file_name.to_string_lossy());
-    crate::atomic::write_file(&readme, readme_text(&relative).as_bytes())?;
+    crate::atomic::write_file(&readme, readme_text(&laid_out(root)).as_bytes())?;
     crate::atomic::sync_dir(root);
     Ok(LmStudioLayout {
         root: root.to_path_buf(),
@@ -86,13 +85,57 @@ pub fn write_lmstudio_layout(
     })
 }
 
-fn readme_text(relative: &str) -> String {
+/// Every `<publisher>/<repo>/<file>.gguf` under `root`, sorted: a second export into the same
+/// folder adds to the README's list rather than replacing it.
+fn laid_out(root: &Path) -> Vec<String> {
+    let children = |dir: &Path| -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        paths.sort();
+        paths
+    };
+    let mut files = Vec::new();
+    for publisher in children(root).into_iter().filter(|p| p.is_dir()) {
+        for repo in children(&publisher).into_iter().filter(|p| p.is_dir()) {
+            for file in children(&repo) {
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if name.ends_with(".gguf") && !name.starts_with('.') {
+                    let folder = |p: &Path| {
+                        p.file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    };
+                    files.push(format!("{}/{}/{name}", folder(&publisher), folder(&repo)));
+                }
+            }
+        }
+    }
+    files
+}
+
+fn readme_text(files: &[String]) -> String {
+    let list: String = files.iter().map(|f| format!("- `{f}`\n")).collect();
+    let example = files
+        .first()
+        .map(String::as_str)
+        .unwrap_or("PUBLISHER/REPO/FILE.gguf");
+    let publisher = example.split('/').next().unwrap_or_default();
     format!(
-        "# Using this model in LM Studio\n\
+        "# Using these models in LM Studio\n\
          \n\
-         This folder is laid out as LM Studio's models folder: `{relative}`\n\
-         (`<publisher>/<model-repo>/<file>.gguf`). The chat template and stop tokens are inside\n\
-         the GGUF, so LM Studio formats chats as the model was trained.\n\
+         This folder is laid out as LM Studio's models folder (`<publisher>/<model-repo>/<file>.gguf`):\n\
+         \n\
+         {list}\
+         \n\
+         The chat template and stop tokens are inside each GGUF, so LM Studio formats chats as\n\
+         the model was trained.\n\
          \n\
          Either point LM Studio at this folder (My Models → the models directory → Change), or\n\
          copy the publisher folder into its models folder, keeping the two levels:\n\
@@ -101,14 +144,13 @@ fn readme_text(relative: &str) -> String {
          cp -r {publisher} ~/.lmstudio/models/\n\
          ```\n\
          \n\
-         or let LM Studio's command line do the same with the file alone:\n\
+         or let LM Studio's command line do the same for one file:\n\
          \n\
          ```sh\n\
-         lms import {relative}\n\
+         lms import {example}\n\
          ```\n\
          \n\
-         Then `lms ls` lists it and `lms load` (or the model picker) loads it.\n",
-        publisher = relative.split('/').next().unwrap_or_default(),
+         Then `lms ls` lists it and `lms load` (or the model picker) loads it.\n"
     )
 }
 

@@ -17,6 +17,7 @@ mod tiny_model;
 
 use std::path::{Path, PathBuf};
 
+use bpe_tokenizer::{write_chatml_bpe_tokenizer, CHATML};
 use candle_core::{DType, Device, Tensor};
 use medcoder_assets::{MedcoderHome, ModelRef};
 use medcoder_models::gguf_export::ExportQuant;
@@ -26,9 +27,6 @@ use medcoder_train::merge::merge_to_hf;
 use medcoder_train::trainable::make_trainable;
 use medcoder_train::TrainConfig;
 use tiny_model::TinyShape;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
 
 const TEXTS: [&str; 4] = [
     "Predict the medical codes for the following text: type 2 diabetes mellitus without complications, essential hypertension.",
