@@ -296,6 +296,82 @@ fn q4_k_m_of_a_model_wide_enough_writes_real_q4_k_and_q6_k_blocks_in_llama_cpps_
     );
 }
 
+/// gguf-py (llama.cpp's reader, with numpy ports of ggml's block formats) reads `gguf` as our
+/// loader does: version 3, every tensor 32-byte aligned, the same types and shapes, and the
+/// same values out of every quantized block.
+fn assert_gguf_py_reads_as_we_do(python: &llama_cpp::LlamaCpp, gguf: &Path, what: &str) {
+    let summary = python.gguf_py_summary(gguf);
+    assert_eq!(summary["version"], 3, "{what}");
+    let mut file = std::fs::File::open(gguf).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let theirs = summary["tensors"].as_object().unwrap();
+    assert_eq!(theirs.len(), content.tensor_infos.len(), "{what}");
+    for (name, info) in &content.tensor_infos {
+        let t = &theirs[name.as_str()];
+        assert_eq!(t["aligned"], true, "{what}: {name}");
+        let ours_type = format!("{:?}", info.ggml_dtype).replace('_', "");
+        let their_type = t["type"].as_str().unwrap().replace('_', "");
+        assert_eq!(ours_type.to_uppercase(), their_type, "{what}: {name}");
+        assert_eq!(
+            t["shape"].as_array().unwrap().len(),
+            info.shape.rank(),
+            "{what}: {name}"
+        );
+        for (d, dim) in info.shape.dims().iter().enumerate() {
+            assert_eq!(t["shape"][d], *dim, "{what}: {name}");
+        }
+        let values: Vec<f32> = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
+        let sum_sq: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let close = |a: f64, b: f64, scale: f64| (a - b).abs() <= 1e-5 * scale.max(1e-6);
+        let norm = sum_sq.sqrt() * (values.len() as f64).sqrt();
+        assert!(
+            close(sum, t["sum"].as_f64().unwrap(), norm),
+            "{what}: {name} sum"
+        );
+        assert!(
+            close(sum_sq, t["sum_sq"].as_f64().unwrap(), sum_sq),
+            "{what}: {name} sum of squares"
+        );
+        for (i, v) in t["first"].as_array().unwrap().iter().enumerate() {
+            let v = v.as_f64().unwrap();
+            assert!(
+                close(f64::from(values[i]), v, v.abs()),
+                "{what}: {name}[{i}]"
+            );
+        }
+    }
+}
+
+#[test]
+fn gguf_py_decodes_every_export_as_our_loader_does_when_gguf_py_is_installed() {
+    let python = match llama_cpp::LlamaCpp::find_gguf_py() {
+        Ok(python) => python,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let setup = Setup::new();
+    for quant in [ExportQuant::F16, ExportQuant::Q8_0, ExportQuant::Q4KM] {
+        setup.export(quant);
+        let out = setup.path(quant.as_str()).join("tiny.gguf");
+        assert_gguf_py_reads_as_we_do(&python, &out, quant.as_str());
+    }
+    let wide = Setup::shaped(WIDE);
+    wide.export(ExportQuant::Q4KM);
+    let out = wide.path("q4_k_m").join("tiny.gguf");
+    assert_gguf_py_reads_as_we_do(&python, &out, "q4_k_m (hidden 256)");
+}
+
 /// The comparison with llama.cpp of one exported file: llama.cpp tokenizes the texts as our
 /// tokenizer does, and continues our ids with our loader's greedy tokens.
 fn assert_llama_cpp_agrees(

@@ -44,6 +44,15 @@ pub struct Answer {
 impl LlamaCpp {
     /// The Python to run llama.cpp with, or why there is none.
     pub fn find() -> Result<Self, String> {
+        Self::find_with("llama_cpp, numpy", "llama-cpp-python")
+    }
+
+    /// A Python with gguf-py (llama.cpp's own GGUF reader, pure Python), or why there is none.
+    pub fn find_gguf_py() -> Result<Self, String> {
+        Self::find_with("gguf, numpy", "gguf (gguf-py)")
+    }
+
+    fn find_with(imports: &str, what: &str) -> Result<Self, String> {
         let venv = repo_root().join(".venv-llama/bin/python");
         let candidates: Vec<PathBuf> = match std::env::var_os(PYTHON_ENV) {
             Some(python) => vec![PathBuf::from(python)],
@@ -51,7 +60,7 @@ impl LlamaCpp {
         };
         for python in &candidates {
             let probe = Command::new(python)
-                .args(["-c", "import llama_cpp, numpy"])
+                .args(["-c", &format!("import {imports}")])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
@@ -62,7 +71,7 @@ impl LlamaCpp {
             }
         }
         Err(format!(
-            "llama-cpp-python is not installed ({} cannot `import llama_cpp`); \
+            "{what} is not installed ({} cannot `import {imports}`); \
              scripts/install-llama-cpp installs it into .venv-llama, or set ${PYTHON_ENV}",
             candidates
                 .iter()
@@ -107,6 +116,24 @@ impl LlamaCpp {
             String::from_utf8_lossy(&output.stderr)
         );
         serde_json::from_slice(&output.stdout).expect("llama_cpp_greedy.py's JSON")
+    }
+}
+
+impl LlamaCpp {
+    /// `scripts/gguf_py_summary.py` on `gguf`: the file as gguf-py decodes it.
+    pub fn gguf_py_summary(&self, gguf: &Path) -> serde_json::Value {
+        let output = Command::new(&self.python)
+            .arg(repo_root().join("scripts/gguf_py_summary.py"))
+            .arg(gguf)
+            .output()
+            .expect("run gguf_py_summary.py");
+        assert!(
+            output.status.success(),
+            "gguf-py could not read {}: {}",
+            gguf.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("gguf_py_summary.py's JSON")
     }
 }
 
