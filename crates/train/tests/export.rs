@@ -401,12 +401,35 @@ fn assert_llama_cpp_agrees(
             diff <= logit_tolerance * scale,
             "{what}: llama.cpp's logits after {text:?} differ from ours by {diff} (largest {scale})"
         );
-        agreed += llama_cpp::common_prefix(&greedy_ours, &theirs.greedy);
+        let prefix = llama_cpp::common_prefix(&greedy_ours, &theirs.greedy);
+        agreed += prefix;
+        if prefix < steps {
+            // Where the two part, the tokens must be a near tie in our own logits: a
+            // difference of rounding (llama.cpp keeps the KV cache in f16, and both quantize
+            // activations for q8_0 / k-quant products), not of the model.
+            let mut context = ids.clone();
+            context.extend_from_slice(&greedy_ours[..prefix]);
+            let logits = last_logits(ours, &context);
+            let margin =
+                logits[greedy_ours[prefix] as usize] - logits[theirs.greedy[prefix] as usize];
+            println!("{what}: parted at token {prefix} with a margin of {margin:.5}");
+            assert!(
+                margin <= logit_tolerance * scale,
+                "{what}: after {prefix} agreeing tokens llama.cpp picks {} where ours picks {} \
+                 by a margin of {margin} (largest logit {scale})",
+                theirs.greedy[prefix],
+                greedy_ours[prefix]
+            );
+        }
     }
-    assert_eq!(
-        agreed,
-        steps * prompts.len(),
-        "{what}: llama.cpp's greedy tokens differ from ours"
+    println!(
+        "{what}: greedy tokens agreeing with llama.cpp {agreed}/{}",
+        steps * prompts.len()
+    );
+    assert!(
+        agreed * 4 >= steps * prompts.len() * 3,
+        "{what}: llama.cpp's greedy tokens agree with ours for only {agreed} of {}",
+        steps * prompts.len()
     );
 }
 
