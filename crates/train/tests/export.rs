@@ -512,11 +512,30 @@ fn llama_cpp_agrees_with_our_loader_on_the_gguf_named_by_the_environment() {
         let ours_greedy = greedy(&ours, ids, steps);
         let prefix = llama_cpp::common_prefix(&ours_greedy, &theirs.greedy);
         agreed += prefix;
-        let (diff, scale) = llama_cpp::max_diff(&last_logits(&ours, ids), &theirs.first_logits);
+        if prefix < steps {
+            let mut context = ids.clone();
+            context.extend_from_slice(&ours_greedy[..prefix]);
+            let logits = last_logits(&ours, &context);
+            let margin =
+                logits[ours_greedy[prefix] as usize] - logits[theirs.greedy[prefix] as usize];
+            println!(
+                "  parted at token {prefix}: ours {:?} over llama.cpp's {:?} by {margin:.4} in our logits",
+                ours.tokenizer.decode(&ours_greedy[prefix..=prefix]).unwrap(),
+                ours.tokenizer.decode(&theirs.greedy[prefix..=prefix]).unwrap(),
+            );
+        }
+        let first = last_logits(&ours, ids);
+        let (diff, scale) = llama_cpp::max_diff(&first, &theirs.first_logits);
+        let mean = first
+            .iter()
+            .zip(&theirs.first_logits)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / first.len() as f32;
         worst = worst.max(diff);
         println!(
             "{} prompt tokens: greedy agree for {prefix}/{steps} tokens; first-step logits max \
-             |diff| {diff:.4} (largest logit {scale:.2})\n  ours:      {:?}\n  llama.cpp: {:?}",
+             |diff| {diff:.4}, mean {mean:.4} (largest logit {scale:.2})\n  ours:      {:?}\n  llama.cpp: {:?}",
             ids.len(),
             ours.tokenizer.decode(&ours_greedy).unwrap(),
             ours.tokenizer.decode(&theirs.greedy).unwrap(),
