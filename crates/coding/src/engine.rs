@@ -496,31 +496,12 @@ fn llm_engine(
     home: &MedcoderHome,
 ) -> Result<LlmEngine, CodingError> {
     let invalid = |e: &dyn std::fmt::Display| CodingError::Invalid(e.to_string());
-    let registered = registered_model(config, home)?;
-    let (model, adapter) = match &registered {
-        Some(entry) => {
-            let model = match &config.model {
-                Some(m) if !is_registry_spec(m) => m.clone(),
-                _ => entry.base_model.clone().ok_or_else(|| {
-                    CodingError::Invalid(format!(
-                        "{} records no base model: give --model",
-                        entry.id()
-                    ))
-                })?,
-            };
-            (model, Some(entry.adapter_dir.clone()))
-        }
-        None => match &config.model {
-            Some(model) => (model.clone(), config.adapter.clone()),
-            None => {
-                return Err(CodingError::Invalid(
-                    "the llm engine needs a model (--model: an asset id, HF folder, GGUF file \
-                     or a registered name@version)"
-                        .into(),
-                ))
-            }
-        },
-    };
+    let choice = crate::registry::resolve_model_choice(
+        config.model.as_deref(),
+        config.adapter.as_deref(),
+        home,
+    )?;
+    let (model, adapter, registered) = (choice.model, choice.adapter, choice.entry);
     let resolved = model
         .parse::<ModelRef>()
         .and_then(|m| m.resolve(home))
@@ -547,40 +528,6 @@ fn llm_engine(
     let (allowed, source) = allowed_codes(config, kb)?;
     name += &format!(", constrained to the {} codes of {source}", allowed.len());
     LlmEngine::new(loaded, template, &allowed, config.max_prompt_tokens, name)
-}
-
-/// Whether `s` reads as a registry reference (`name@version`, `name@production`, …) rather
-/// than a path or a hub id (`org/repo@revision` has a `/`, which no registry name has).
-fn is_registry_spec(s: &str) -> bool {
-    s.contains('@') && !Path::new(s).exists() && crate::registry::parse_spec(s).is_ok()
-}
-
-/// The registry entry an `adapter` (or, without one, a `model`) of the form `name@…` names:
-/// `--adapter coder@production`, `--model coder@20260401-0123456789ab`. A model spec whose
-/// name is not registered falls through to the model's own resolution.
-fn registered_model(
-    config: &EngineConfig,
-    home: &MedcoderHome,
-) -> Result<Option<crate::registry::ModelEntry>, CodingError> {
-    let registry = crate::registry::ModelRegistry::open(home);
-    if let Some(adapter) = &config.adapter {
-        let spec = adapter.to_string_lossy();
-        if spec.contains('@') && !adapter.exists() {
-            return registry.resolve(&spec).map(Some);
-        }
-        return Ok(None);
-    }
-    match &config.model {
-        Some(model) if is_registry_spec(model) => {
-            let (name, _) = crate::registry::parse_spec(model)?;
-            if registry.list()?.iter().any(|m| m.name == name) {
-                registry.resolve(model).map(Some)
-            } else {
-                Ok(None)
-            }
-        }
-        _ => Ok(None),
-    }
 }
 
 fn prompt_template(config: &EngineConfig) -> Result<PromptTemplate, CodingError> {

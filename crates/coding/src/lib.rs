@@ -16,6 +16,7 @@ pub mod openai;
 pub mod pdf;
 pub mod prediction;
 pub mod registry;
+mod registry_lock;
 mod rerank;
 pub mod retrieval;
 pub mod text;

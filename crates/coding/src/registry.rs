@@ -6,20 +6,22 @@
 //! handful of entries read by every `code`/`serve` start, which a JSON file serves without
 //! opening a database (or holding DuckDB's single-writer lock), and it stays readable and
 //! diffable by hand. Each change is a read-modify-write under a lock file
-//! (`registry.lock`, created exclusively) and the file is replaced atomically, so concurrent
-//! writers neither interleave nor leave a half-written registry. The registry records paths:
+//! (`registry.lock`, created exclusively, holding its writer's pid and host: a crashed writer's
+//! lock is taken over, see [`crate::registry_lock`]) and the file is replaced atomically, so
+//! concurrent writers neither interleave nor leave a half-written registry. The registry records paths:
 //! removing an entry never deletes files on disk.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use medcoder_assets::MedcoderHome;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::eval::provenance::utc_timestamp;
+use crate::registry_lock::{LockGuard, LOCK_WAIT};
 use crate::CodingError;
 
 /// The files of a run folder that make up the model, hashed into its version (in this order).
@@ -28,7 +30,6 @@ const MODEL_FILES: [&str; 3] = [
     "adapter_model.safetensors",
     "model.safetensors",
 ];
-const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 fn invalid(message: impl Into<String>) -> CodingError {
     CodingError::Invalid(message.into())
@@ -285,45 +286,6 @@ fn sha256_file(path: &Path) -> Result<(String, u64), CodingError> {
     Ok((hex::encode(hasher.finalize()), bytes))
 }
 
-/// Holds `registry.lock` while alive.
-struct LockGuard(PathBuf);
-
-impl LockGuard {
-    fn acquire(path: &Path) -> Result<Self, CodingError> {
-        let started = Instant::now();
-        loop {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-            {
-                Ok(mut file) => {
-                    use std::io::Write as _;
-                    let _ = write!(file, "{}", std::process::id());
-                    return Ok(Self(path.to_path_buf()));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if started.elapsed() > LOCK_WAIT {
-                        return Err(invalid(format!(
-                            "the model registry is locked by another medcoder ({}); if none is \
-                             running, delete that file",
-                            path.display()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// The registry under a medcoder home: `<home>/registry/registry.json`.
 #[derive(Debug, Clone)]
 pub struct ModelRegistry {
@@ -361,7 +323,7 @@ impl ModelRegistry {
         change: impl FnOnce(&mut RegistryFile) -> Result<T, CodingError>,
     ) -> Result<T, CodingError> {
         fs_err::create_dir_all(&self.dir)?;
-        let _lock = LockGuard::acquire(&self.dir.join("registry.lock"))?;
+        let _lock = LockGuard::acquire(&self.dir.join("registry.lock"), LOCK_WAIT)?;
         let mut registry = self.load()?;
         let out = change(&mut registry)?;
         let json = serde_json::to_string_pretty(&registry)
@@ -490,6 +452,34 @@ impl ModelRegistry {
         })
     }
 
+    /// Records artifacts made from `spec`'s version (a merged model folder, a GGUF file) in its
+    /// entry, replacing those recorded before; returns the updated entry.
+    pub fn record_artifacts(
+        &self,
+        spec: &str,
+        merged: Option<&Path>,
+        gguf: Option<&Path>,
+    ) -> Result<ModelEntry, CodingError> {
+        let (name, selector) = parse_spec(spec)?;
+        self.update(|registry| {
+            let version = find(&registry.models, &name, &selector, spec)?
+                .version
+                .clone();
+            let entry = registry
+                .models
+                .iter_mut()
+                .find(|m| m.name == name && m.version == version)
+                .ok_or_else(|| invalid(format!("{spec} is not registered")))?;
+            if let Some(merged) = merged {
+                entry.merged = Some(absolute(merged));
+            }
+            if let Some(gguf) = gguf {
+                entry.gguf = Some(absolute(gguf));
+            }
+            Ok(entry.clone())
+        })
+    }
+
     /// Drops `spec` (`name@VERSION`) from the registry; refused for the production version.
     /// Files on disk are not deleted.
     pub fn remove(&self, spec: &str) -> Result<ModelEntry, CodingError> {
@@ -513,6 +503,82 @@ impl ModelRegistry {
             Ok(entry)
         })
     }
+}
+
+/// The model and adapter a command runs (`code`, `serve`, `generate`, `merge`, `export gguf`),
+/// from its `--model` and `--adapter` with registry references resolved.
+#[derive(Debug, Clone)]
+pub struct ModelChoice {
+    /// What to load: an asset id, HF folder, GGUF file or hub id.
+    pub model: String,
+    /// The adapter folder to apply, if any.
+    pub adapter: Option<PathBuf>,
+    /// The registered version the adapter (or model) came from.
+    pub entry: Option<ModelEntry>,
+}
+
+/// Resolves `--model` and `--adapter` as every command takes them: `--adapter coder@production`
+/// (`@staging`, `@dev`, `@VERSION`) is that version's run folder, on the base model it records
+/// unless `--model` names one; `--model coder@VERSION` (no adapter) is the same, when `coder` is
+/// registered (otherwise it is left to the model's own resolution, as a hub id's `@revision`).
+/// An existing path is always a path, `@` or not.
+pub fn resolve_model_choice(
+    model: Option<&str>,
+    adapter: Option<&Path>,
+    home: &MedcoderHome,
+) -> Result<ModelChoice, CodingError> {
+    let registry = ModelRegistry::open(home);
+    let entry = match (adapter, model) {
+        (Some(adapter), _) => {
+            let spec = adapter.to_string_lossy();
+            if spec.contains('@') && !adapter.exists() {
+                Some(registry.resolve(&spec)?)
+            } else {
+                None
+            }
+        }
+        (None, Some(model)) if is_registry_spec(model) => {
+            let (name, _) = parse_spec(model)?;
+            if registry.list()?.iter().any(|m| m.name == name) {
+                Some(registry.resolve(model)?)
+            } else {
+                None
+            }
+        }
+        (None, _) => None,
+    };
+    let Some(entry) = entry else {
+        let model = model.ok_or_else(|| {
+            invalid(
+                "no model: give --model (an asset id, HF folder, GGUF file or a registered                  name@version)",
+            )
+        })?;
+        return Ok(ModelChoice {
+            model: model.to_string(),
+            adapter: adapter.map(Path::to_path_buf),
+            entry: None,
+        });
+    };
+    let model = match model {
+        Some(m) if !is_registry_spec(m) => m.to_string(),
+        _ => entry.base_model.clone().ok_or_else(|| {
+            invalid(format!(
+                "{} records no base model: give --model",
+                entry.id()
+            ))
+        })?,
+    };
+    Ok(ModelChoice {
+        model,
+        adapter: Some(entry.adapter_dir.clone()),
+        entry: Some(entry),
+    })
+}
+
+/// Whether `s` reads as a registry reference (`name@version`, `name@production`, …) rather
+/// than a path or a hub id (`org/repo@revision` has a `/`, which no registry name has).
+pub fn is_registry_spec(s: &str) -> bool {
+    s.contains('@') && !Path::new(s).exists() && parse_spec(s).is_ok()
 }
 
 fn find<'a>(

@@ -190,3 +190,61 @@ fn concurrent_registrations_all_land() {
     });
     assert_eq!(registry.list().unwrap().len(), 8);
 }
+
+#[test]
+fn model_choice_resolves_registered_adapters_and_models_and_leaves_paths_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = MedcoderHome::at(tmp.path().join("home"));
+    let registry = ModelRegistry::open(&home);
+    let dir = run_dir(tmp.path(), "run1", b"weights-1");
+    let (entry, _) = register(&registry, "coder", &dir);
+    registry.promote(&entry.id(), Stage::Production).unwrap();
+    let choose = |model: Option<&str>, adapter: Option<&str>| {
+        resolve_model_choice(model, adapter.map(Path::new), &home)
+    };
+    // A registered adapter: its run folder on its recorded base, unless --model names one.
+    for spec in ["coder@production", &entry.id()] {
+        let choice = choose(None, Some(spec)).unwrap();
+        assert_eq!(choice.model, "tiny-llama", "{spec}");
+        assert_eq!(choice.adapter.as_deref(), Some(entry.adapter_dir.as_path()));
+        assert_eq!(choice.entry.as_ref().map(ModelEntry::id), Some(entry.id()));
+    }
+    let other = choose(Some("other-base"), Some("coder@production")).unwrap();
+    assert_eq!(other.model, "other-base");
+    // A registered name as --model, without an adapter.
+    let by_model = choose(Some(&entry.id()), None).unwrap();
+    assert_eq!(by_model.model, "tiny-llama");
+    assert!(by_model.adapter.is_some());
+    // Paths and unregistered names pass through untouched.
+    let plain = choose(Some("smollm2-135m-instruct"), Some(dir.to_str().unwrap())).unwrap();
+    assert_eq!(plain.model, "smollm2-135m-instruct");
+    assert_eq!(plain.adapter.as_deref(), Some(dir.as_path()));
+    assert!(plain.entry.is_none());
+    let hub = choose(Some("unregistered@production"), None).unwrap();
+    assert_eq!(hub.model, "unregistered@production");
+    assert!(hub.entry.is_none());
+    // What cannot be resolved says so.
+    let missing = choose(None, Some("coder@staging")).unwrap_err().to_string();
+    assert!(
+        missing.contains("coder has no staging version"),
+        "{missing}"
+    );
+    let none = choose(None, None).unwrap_err().to_string();
+    assert!(none.contains("give --model"), "{none}");
+}
+
+#[test]
+fn record_artifacts_updates_the_version_it_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = ModelRegistry::at(tmp.path().join("registry"));
+    let (first, _) = register(&registry, "coder", &run_dir(tmp.path(), "run1", b"w1"));
+    let (second, _) = register(&registry, "coder", &run_dir(tmp.path(), "run2", b"w2"));
+    let gguf = tmp.path().join("coder.gguf");
+    let updated = registry
+        .record_artifacts(&first.id(), None, Some(&gguf))
+        .unwrap();
+    assert_eq!(updated.gguf.as_deref(), Some(gguf.as_path()));
+    assert_eq!(registry.resolve(&first.id()).unwrap().gguf, Some(gguf));
+    assert_eq!(registry.resolve(&second.id()).unwrap().gguf, None);
+    assert!(registry.record_artifacts("nobody@dev", None, None).is_err());
+}

@@ -259,16 +259,30 @@ pub fn model_metadata(
     Ok(meta)
 }
 
-/// Write a GGUF file: `metadata` then `tensors`.
+/// The GGUF version written: 3, as llama.cpp's converter writes.
+pub const GGUF_VERSION: u32 = 3;
+
+/// Write a GGUF file: `metadata` then `tensors`, each tensor's data aligned to 32 bytes (GGUF's
+/// default `general.alignment`).
+///
+/// candle's writer lays the file out as GGUF v3 does (v3 differs from v2 only in allowing
+/// big-endian files, and this one is little-endian) but stamps it version 2; the version field
+/// is rewritten to 3 afterwards.
 pub fn write_gguf(
     writer: &mut (impl std::io::Write + std::io::Seek),
     metadata: &[(String, Value)],
     tensors: &[(String, QTensor)],
 ) -> Result<(), ModelError> {
+    use std::io::SeekFrom;
     let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let start = writer.stream_position()?;
     candle_core::quantized::gguf_file::write(writer, &meta, &tensors)
         .ctx(|| "writing the GGUF file".into())?;
+    let end = writer.stream_position()?;
+    writer.seek(SeekFrom::Start(start + 4))?;
+    writer.write_all(&GGUF_VERSION.to_le_bytes())?;
+    writer.seek(SeekFrom::Start(end))?;
     Ok(())
 }
 
@@ -299,6 +313,37 @@ mod tests {
             q4_k_m_type("blk.0.attn_q.weight", 32, false),
             GgmlDType::Q4K
         );
+    }
+
+    #[test]
+    fn files_are_gguf_v3_with_32_byte_aligned_tensor_data() {
+        let device = candle_core::Device::Cpu;
+        let odd = Tensor::arange(0f32, 7.0, &device).unwrap();
+        let matrix = Tensor::ones((4, 32), DType::F32, &device).unwrap();
+        let tensors = vec![
+            (
+                "a".to_string(),
+                QTensor::quantize(&odd, GgmlDType::F32).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                QTensor::quantize(&matrix, GgmlDType::Q8_0).unwrap(),
+            ),
+        ];
+        let meta = vec![("general.name".to_string(), Value::String("x".into()))];
+        let mut file = std::io::Cursor::new(Vec::new());
+        write_gguf(&mut file, &meta, &tensors).unwrap();
+        let bytes = file.into_inner();
+        assert_eq!(&bytes[..4], b"GGUF");
+        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 3);
+        let content =
+            candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))
+                .unwrap();
+        assert_eq!(content.tensor_data_offset % 32, 0);
+        for info in content.tensor_infos.values() {
+            assert_eq!(info.offset % 32, 0);
+        }
+        assert_eq!(content.tensor_infos["b"].ggml_dtype, GgmlDType::Q8_0);
     }
 
     #[test]

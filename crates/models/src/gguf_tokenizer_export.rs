@@ -211,11 +211,13 @@ fn pre_tokenizer_name(pre: &Json) -> Result<&'static str, String> {
     let same = |name: &str| known(name) == regexes.as_slice();
     Ok(match () {
         _ if regexes.is_empty() && digits && byte_level_regex => "smollm",
-        _ if regexes.is_empty() && byte_level_regex => "gpt2",
+        // llama.cpp names GPT-2's pre-tokenizer `gpt-2`; a file saying `gpt2` does not load
+        // there ("unknown pre-tokenizer type").
+        _ if regexes.is_empty() && byte_level_regex => "gpt-2",
         _ if same("llama-bpe") => "llama-bpe",
         _ if same("qwen2") => "qwen2",
         _ if same("smollm") => "smollm",
-        _ if same("gpt2") => "gpt2",
+        _ if same("gpt2") => "gpt-2",
         _ if same("default") => "default",
         _ => {
             return Err(format!(
@@ -223,4 +225,42 @@ fn pre_tokenizer_name(pre: &Json) -> Result<&'static str, String> {
             ))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `tokenizer.ggml.pre` names llama.cpp's vocabulary loader (`llama-vocab.cpp`,
+    /// llama-cpp-python 0.3.36) accepts, of those this module can write.
+    const LLAMA_CPP_PRE_NAMES: [&str; 5] = ["default", "llama-bpe", "qwen2", "smollm", "gpt-2"];
+
+    #[test]
+    fn pre_tokenizer_names_are_llama_cpps_own_gpt2_included() {
+        let byte_level = serde_json::json!({"type": "ByteLevel", "use_regex": true});
+        assert_eq!(pre_tokenizer_name(&byte_level), Ok("gpt-2"));
+        let smollm = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "use_regex": true},
+        ]});
+        assert_eq!(pre_tokenizer_name(&smollm), Ok("smollm"));
+        for name in ["llama-bpe", "qwen2", "smollm", "gpt2", "default"] {
+            let split: Vec<Json> = crate::gguf_tokenizer::pre_tokenizer_spec(Some(name))
+                .regexes
+                .iter()
+                .map(|r| serde_json::json!({"type": "Split", "pattern": {"Regex": r}}))
+                .collect();
+            let mut steps = split;
+            steps.push(serde_json::json!({"type": "ByteLevel", "use_regex": false}));
+            let pre = serde_json::json!({"type": "Sequence", "pretokenizers": steps});
+            let written = pre_tokenizer_name(&pre).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(LLAMA_CPP_PRE_NAMES.contains(&written), "{name} → {written}");
+            // Our own reader takes the name back to the same regexes.
+            assert_eq!(
+                crate::gguf_tokenizer::pre_tokenizer_spec(Some(written)).regexes,
+                crate::gguf_tokenizer::pre_tokenizer_spec(Some(name)).regexes,
+                "{name} → {written}"
+            );
+        }
+    }
 }

@@ -20,6 +20,8 @@ use crate::TrainError;
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportReport {
     pub out: PathBuf,
+    /// `general.name`: the file's stem.
+    pub name: String,
     pub modelfile: PathBuf,
     pub base: PathBuf,
     pub adapter: Option<PathBuf>,
@@ -117,6 +119,7 @@ pub fn export_gguf(
     crate::atomic::sync_dir(&parent);
     Ok(ExportReport {
         out: out.to_path_buf(),
+        name,
         bytes: fs_err::metadata(out)?.len(),
         modelfile_bytes: modelfile_text.len() as u64,
         modelfile,

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 mod error;
 pub mod export;
+pub mod lmstudio;
 pub mod merge;
 pub mod metrics;
 pub mod optim;

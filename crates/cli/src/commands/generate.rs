@@ -12,13 +12,15 @@ use medcoder_models::{ChatMessage, DeviceSpec, LoadedModel};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Model: an asset alias (smollm2-135m-instruct, gemma3-270m), a folder or GGUF file, or an
-    /// HF repo id in the local hub cache.
-    #[arg(long)]
-    model: String,
+    /// Model: an asset alias (smollm2-135m-instruct, gemma3-270m), a folder or GGUF file, an
+    /// HF repo id in the local hub cache, or a registered `name@VERSION` (its base model with
+    /// its adapter). Defaults to the base model of a registered `--adapter`.
+    #[arg(long, required_unless_present = "adapter")]
+    model: Option<String>,
     /// A LoRA adapter folder in PEFT's format (adapter_config.json +
-    /// adapter_model.safetensors), e.g. a `medcoder train` run folder.
-    #[arg(long, value_name = "DIR")]
+    /// adapter_model.safetensors), e.g. a `medcoder train` run folder, or a registered model
+    /// (`name@production`, `name@staging`, `name@VERSION`).
+    #[arg(long, value_name = "DIR|NAME@VERSION")]
     adapter: Option<PathBuf>,
     /// The prompt text (or use --prompt-file).
     #[arg(
@@ -73,14 +75,20 @@ pub fn run(args: GenerateArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> 
         }
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
-    let model_ref: ModelRef = args.model.parse()?;
+    let choice = medcoder_coding::registry::resolve_model_choice(
+        args.model.as_deref(),
+        args.adapter.as_deref(),
+        home,
+    )?;
+    let model_ref: ModelRef = choice.model.parse()?;
     let resolved = model_ref.resolve(home)?;
     let device = args.device.device()?;
     let loading = Instant::now();
     let mut model = medcoder_models::load_model(&resolved, &device, None)?;
-    if let Some(dir) = &args.adapter {
+    if let Some(dir) = &choice.adapter {
         let applied = medcoder_models::lora::apply_peft_adapter(&mut model.lm, dir)?;
-        tracing::info!(adapter = %dir.display(), modules = applied.modules, rank = applied.rank, "adapter applied");
+        let registered = choice.entry.as_ref().map(|e| e.id()).unwrap_or_default();
+        tracing::info!(adapter = %dir.display(), registered, modules = applied.modules, rank = applied.rank, "adapter applied");
     }
     tracing::info!(
         family = model.family.as_str(),

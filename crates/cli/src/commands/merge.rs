@@ -9,11 +9,13 @@ use medcoder_assets::{MedcoderHome, ModelRef};
 
 #[derive(Debug, clap::Args)]
 pub struct MergeArgs {
-    /// The base model the adapter was trained on (alias, folder, GGUF file or hub id).
+    /// The base model the adapter was trained on (alias, folder, GGUF file or hub id); defaults
+    /// to the base model a registered `--adapter` records.
     #[arg(long)]
-    model: String,
-    /// The adapter: a `medcoder train` run folder or any PEFT LoRA adapter folder.
-    #[arg(long, value_name = "DIR")]
+    model: Option<String>,
+    /// The adapter: a `medcoder train` run folder, any PEFT LoRA adapter folder, or a
+    /// registered model (`name@production`, `name@staging`, `name@VERSION`).
+    #[arg(long, value_name = "DIR|NAME@VERSION")]
     adapter: PathBuf,
     /// The output folder (replaced if it exists).
     #[arg(long, value_name = "DIR")]
@@ -32,12 +34,26 @@ pub fn run(args: MergeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         "f32" => DType::F32,
         other => bail!("--dtype `{other}`: use bf16, f16 or f32"),
     };
-    let model_ref: ModelRef = args.model.parse()?;
+    let choice = medcoder_coding::registry::resolve_model_choice(
+        args.model.as_deref(),
+        Some(&args.adapter),
+        home,
+    )?;
+    let adapter = choice.adapter.clone().unwrap_or(args.adapter);
+    let model_ref: ModelRef = choice.model.parse()?;
     let resolved = model_ref.resolve(home)?;
     // Merging runs in f32 on the CPU whatever the output dtype.
     let model = medcoder_models::load_model(&resolved, &Device::Cpu, Some(DType::F32))
-        .with_context(|| format!("loading the base model `{}`", args.model))?;
-    let report = medcoder_train::merge::merge_to_hf(model, &args.adapter, &args.out, dtype)?;
+        .with_context(|| format!("loading the base model `{}`", choice.model))?;
+    let report = medcoder_train::merge::merge_to_hf(model, &adapter, &args.out, dtype)?;
+    if let Some(entry) = &choice.entry {
+        medcoder_coding::registry::ModelRegistry::open(home).record_artifacts(
+            &entry.id(),
+            Some(&args.out),
+            None,
+        )?;
+        tracing::info!(registered = %entry.id(), merged = %args.out.display(), "recorded in the registry");
+    }
     if args.json {
         super::print_json(&report)?;
     } else {

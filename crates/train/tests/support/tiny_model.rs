@@ -11,19 +11,52 @@ pub const HIDDEN: usize = 64;
 pub const INTERMEDIATE: usize = 128;
 pub const LAYERS: usize = 2;
 
+/// The sizes of a tiny llama.
+#[derive(Debug, Clone, Copy)]
+pub struct TinyShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+impl TinyShape {
+    /// The default tiny model: [`HIDDEN`], [`INTERMEDIATE`], [`LAYERS`], 4 heads, 2 KV heads.
+    pub const SMALL: Self = Self {
+        hidden: HIDDEN,
+        intermediate: INTERMEDIATE,
+        layers: LAYERS,
+        heads: 4,
+        kv_heads: 2,
+    };
+}
+
 /// Write `config.json` and `model.safetensors` of a llama model with `vocab` entries into
 /// `dir` (beside its tokenizer files). Weights are drawn from a seeded generator.
 pub fn write_tiny_llama(dir: &Path, vocab: usize, seed: u64) {
+    write_tiny_llama_shaped(dir, vocab, seed, TinyShape::SMALL);
+}
+
+/// [`write_tiny_llama`] with other sizes.
+pub fn write_tiny_llama_shaped(dir: &Path, vocab: usize, seed: u64, shape: TinyShape) {
+    let TinyShape {
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+    } = shape;
     std::fs::create_dir_all(dir).expect("the model folder");
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": HIDDEN / 4,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden / heads,
         "hidden_act": "silu",
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-6,
@@ -57,24 +90,24 @@ pub fn write_tiny_llama(dir: &Path, vocab: usize, seed: u64) {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     tensors.insert(
         "model.embed_tokens.weight".into(),
-        random(&[vocab, HIDDEN], 0.5),
+        random(&[vocab, hidden], 0.5),
     );
-    tensors.insert("lm_head.weight".into(), random(&[vocab, HIDDEN], 0.1));
+    tensors.insert("lm_head.weight".into(), random(&[vocab, hidden], 0.1));
     tensors.insert(
         "model.norm.weight".into(),
-        Tensor::ones(HIDDEN, candle_core::DType::F32, &Device::Cpu).expect("ones"),
+        Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).expect("ones"),
     );
-    let kv = 2 * HIDDEN / 4;
-    for layer in 0..LAYERS {
+    let kv = kv_heads * hidden / heads;
+    for layer in 0..layers {
         let p = format!("model.layers.{layer}");
         for (name, shape) in [
-            ("self_attn.q_proj", [HIDDEN, HIDDEN]),
-            ("self_attn.k_proj", [kv, HIDDEN]),
-            ("self_attn.v_proj", [kv, HIDDEN]),
-            ("self_attn.o_proj", [HIDDEN, HIDDEN]),
-            ("mlp.gate_proj", [INTERMEDIATE, HIDDEN]),
-            ("mlp.up_proj", [INTERMEDIATE, HIDDEN]),
-            ("mlp.down_proj", [HIDDEN, INTERMEDIATE]),
+            ("self_attn.q_proj", [hidden, hidden]),
+            ("self_attn.k_proj", [kv, hidden]),
+            ("self_attn.v_proj", [kv, hidden]),
+            ("self_attn.o_proj", [hidden, hidden]),
+            ("mlp.gate_proj", [intermediate, hidden]),
+            ("mlp.up_proj", [intermediate, hidden]),
+            ("mlp.down_proj", [hidden, intermediate]),
         ] {
             let std = 1.0 / (shape[1] as f32).sqrt();
             tensors.insert(format!("{p}.{name}.weight"), random(&shape, std));
@@ -82,7 +115,7 @@ pub fn write_tiny_llama(dir: &Path, vocab: usize, seed: u64) {
         for norm in ["input_layernorm", "post_attention_layernorm"] {
             tensors.insert(
                 format!("{p}.{norm}.weight"),
-                Tensor::ones(HIDDEN, candle_core::DType::F32, &Device::Cpu).expect("ones"),
+                Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).expect("ones"),
             );
         }
     }
