@@ -13,6 +13,8 @@ use medcoder_store::Store;
 use serde::Serialize;
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run: the size of its largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 pub enum BenchCommand {
     /// Time `prepare mimic` on a synthetic full-scale MIMIC-IV release against DuckDB's plain
     /// read_csv of the same files (the floor), with peak RSS of each, in one run.
