@@ -6,12 +6,10 @@
 //! layer by layer in the CPU pass give autograd's loss and gradients too.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use medcoder_models::layers::Linear;
-use medcoder_models::loader::load_hf_dir;
 use medcoder_models::lora::LoraLinear;
 use medcoder_models::lora_train_cpu::unsupported_reason;
 use medcoder_models::CausalLm;
@@ -21,12 +19,9 @@ use medcoder_train::trainable::{make_trainable, Trainable};
 use medcoder_train::trainer::{autograd_loss_and_grads, batch_loss_and_grads};
 use medcoder_train::TrainConfig;
 
-fn load(family: &str) -> CausalLm {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/tests/fixtures/tiny")
-        .join(family);
-    load_hf_dir(&dir, &Device::Cpu, DType::F32).unwrap().0
-}
+mod support;
+
+use support::load_tiny_fixture as load;
 
 fn lora(lm: &mut CausalLm, dropout: f64) -> Trainable {
     let config = TrainConfig::from_yaml(

@@ -6,10 +6,7 @@
 //! both.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-
-use candle_core::{DType, Device, Tensor, Var};
-use medcoder_models::loader::load_hf_dir;
+use candle_core::{Device, Tensor, Var};
 use medcoder_models::lora_train_cpu::unsupported_reason;
 use medcoder_models::CausalLm;
 use medcoder_train::config::LossOn;
@@ -18,12 +15,9 @@ use medcoder_train::trainable::{make_trainable, Trainable};
 use medcoder_train::trainer::{autograd_loss_and_grads, batch_loss_and_grads};
 use medcoder_train::TrainConfig;
 
-fn load(family: &str) -> CausalLm {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/tests/fixtures/tiny")
-        .join(family);
-    load_hf_dir(&dir, &Device::Cpu, DType::F32).unwrap().0
-}
+mod support;
+
+use support::load_tiny_fixture as load;
 
 fn lora(lm: &mut CausalLm) -> Trainable {
     let config = TrainConfig::from_yaml(

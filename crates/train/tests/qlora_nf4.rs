@@ -4,11 +4,8 @@
 //! on one batch bring the loss down.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use medcoder_models::layers::{Linear, Mode};
-use medcoder_models::loader::load_hf_dir;
 use medcoder_models::CausalLm;
 use medcoder_train::config::LossOn;
 use medcoder_train::data::{pad_batch, Example, PaddedBatch};
@@ -17,12 +14,9 @@ use medcoder_train::trainable::{make_trainable, Trainable};
 use medcoder_train::trainer::batch_loss_and_grads;
 use medcoder_train::TrainConfig;
 
-fn load(family: &str) -> CausalLm {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/tests/fixtures/tiny")
-        .join(family);
-    load_hf_dir(&dir, &Device::Cpu, DType::F32).unwrap().0
-}
+mod support;
+
+use support::load_tiny_fixture as load;
 
 fn config(extra: &[&str]) -> TrainConfig {
     let mut overrides = vec!["method=qlora".to_string(), "qlora_quant=nf4".to_string()];

@@ -6,7 +6,8 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-use medcoder_models::ModelTokenizer;
+use medcoder_models::loader::load_hf_dir;
+use medcoder_models::{CausalLm, ModelTokenizer};
 use medcoder_store::synthetic::{write_synthetic_mimic_iv, SyntheticMimic};
 use medcoder_store::{
     import_mimic, Document, IcdNineHandling, MimicOptions, MimicVersion, SplitRatios, Store,
@@ -137,4 +138,15 @@ pub fn gold_answer(doc: &Document) -> String {
         .map(String::as_str)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// One of the tiny random checkpoints in `crates/models/tests/fixtures/tiny/<family>`, in f32
+/// on the CPU.
+pub fn load_tiny_fixture(family: &str) -> CausalLm {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/tests/fixtures/tiny")
+        .join(family);
+    load_hf_dir(&dir, &candle_core::Device::Cpu, candle_core::DType::F32)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+        .0
 }
