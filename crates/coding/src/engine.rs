@@ -2,6 +2,7 @@
 //! an [`EngineConfig`] (command-line flags or `serve.yaml`), plus the code sets that describe,
 //! validate and check its answers.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::llm::LlmEngine;
 use crate::model_answer::AllowedSet;
 use crate::openai::{OpenaiConfig, OpenaiEngine};
 use crate::prediction::CodeDescriber;
-use crate::retrieval::{FitAids, LabelledNote, RetrievalIndex};
+use crate::retrieval::{FitAids, GoldMention, LabelledNote, RetrievalIndex};
 use crate::{CodeKind, CodingError, NotePrediction};
 
 /// Which engine codes the notes.
@@ -401,12 +402,76 @@ fn fit_notes(
                     text: e.text,
                     diagnoses: e.diagnoses,
                     procedures: e.procedures,
+                    mentions: Vec::new(),
                 }),
         );
         Ok(())
     })?;
     notes.sort_by(|a, b| a.id.cmp(&b.id));
+    add_gold_mentions(&store, dataset, &mut notes)?;
     Ok((notes, names))
+}
+
+/// The dataset's evidence spans of the notes' gold codes, placed in the notes' texts: exact
+/// when annotated on that text, by relative position when annotated on another language's
+/// (CodiEsp: the Spanish original of an English note); spans whose source text length is
+/// unknown (a database imported before it was recorded) cannot be placed and are left out.
+fn add_gold_mentions(
+    store: &Store,
+    dataset: &str,
+    notes: &mut [LabelledNote],
+) -> Result<(), CodingError> {
+    let at: HashMap<String, usize> = notes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.clone(), i))
+        .collect();
+    let mut unplaced = 0usize;
+    for found in store.dataset_evidence(dataset)? {
+        let Some(&i) = at.get(&found.doc_id) else {
+            continue;
+        };
+        let note = &mut notes[i];
+        let e = found.evidence;
+        let kind = if e.kind == "procedure" {
+            CodeKind::Procedure
+        } else {
+            CodeKind::Diagnosis
+        };
+        let gold = match kind {
+            CodeKind::Diagnosis => &note.diagnoses,
+            CodeKind::Procedure => &note.procedures,
+        };
+        if !gold.contains(&e.code) {
+            continue;
+        }
+        let target = note.text.chars().count();
+        let source = if found.lang.as_deref() == Some(e.spans_lang.as_str()) {
+            Some(target as u64)
+        } else {
+            e.spans_text_chars
+        };
+        let first = e.spans.iter().map(|s| s.0).min();
+        let last = e.spans.iter().map(|s| s.1).max();
+        let placed = match (source, first, last) {
+            (Some(source), Some(first), Some(last)) => {
+                GoldMention::placed(kind, e.code, (first, last), source, target)
+            }
+            _ => None,
+        };
+        match placed {
+            Some(mention) => note.mentions.push(mention),
+            None => unplaced += 1,
+        }
+    }
+    if unplaced > 0 {
+        tracing::warn!(
+            dataset,
+            unplaced,
+            "evidence spans that cannot be placed in the notes' text (unknown source length or out of range): not used; re-import the dataset to use them"
+        );
+    }
+    Ok(())
 }
 
 /// The fitted index, from its cache beside the database when that was fitted on the same notes.

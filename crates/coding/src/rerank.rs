@@ -28,9 +28,14 @@ pub(crate) struct Signals {
     pub description: f32,
     /// 1-based rank among the codes whose descriptions match the note best, 0 when not there.
     pub description_rank: usize,
+    /// Share of the vote of the annotated mention windows closest to the note's sentences,
+    /// its rank, and the best cosine of one of the code's windows with one sentence.
+    pub mention: f32,
+    pub mention_rank: usize,
+    pub mention_best: f32,
 }
 
-const FEATURES: usize = 19;
+const FEATURES: usize = 22;
 
 fn features(s: &Signals) -> [f32; FEATURES] {
     let inv = |r: usize| if r == 0 { 0.0 } else { 1.0 / r as f32 };
@@ -54,6 +59,9 @@ fn features(s: &Signals) -> [f32; FEATURES] {
         s.description,
         inv(s.description_rank),
         s.description * f32::from(u8::from(s.lexical_rank > 0)),
+        s.mention,
+        inv(s.mention_rank),
+        s.mention_best,
     ]
 }
 

@@ -13,19 +13,24 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::eval::average_precision;
+use crate::assertion::assertion_in_note;
 use crate::lexical::{Lexicon, Ranked};
-use crate::prediction::{CodeDescriber, CodeKind, CodedItem, NotePrediction};
+use crate::prediction::{CodeDescriber, CodeKind, CodedItem, EvidenceSpan, NotePrediction};
 use crate::rerank::{Reranker, Signals};
-use crate::text::Analyzer;
+use crate::text::{sentences, Analyzer, Span};
 use crate::CodingError;
 
+mod calibration;
+mod candidate_signals;
 mod centroids;
+mod mentions;
 mod semantic;
 
 use crate::evidence::{best_sentence, NoteSentences};
 use centroids::Centroids;
 use medcoder_models::SentenceEmbedder;
+pub use mentions::GoldMention;
+use mentions::{MentionIndex, MentionMatch, MentionWindow};
 use semantic::{embed_notes, embedder_name, SemanticIndex, SemanticMatch};
 
 /// A note with its gold codes, to fit the index on.
@@ -35,6 +40,8 @@ pub struct LabelledNote {
     pub text: String,
     pub diagnoses: Vec<String>,
     pub procedures: Vec<String>,
+    /// Where the annotations place gold codes in the text (empty when the dataset has none).
+    pub mentions: Vec<GoldMention>,
 }
 
 /// What leave-one-out chose, and the scores it saw.
@@ -74,6 +81,15 @@ impl<'a> CandidateSet<'a> {
     }
 }
 
+/// What a note matched besides its neighbours, each where the index and the caller have it:
+/// code descriptions (lexically), sentence embeddings, annotated mention windows.
+#[derive(Clone, Copy)]
+struct NoteMatches<'a, 'm> {
+    lexical: Option<&'a PerKind>,
+    semantic: Option<&'m SemanticMatch>,
+    mentions: Option<&'m MentionMatch>,
+}
+
 /// A sparse, L2-normalised term vector: (term id, weight), sorted by term id.
 type SparseVec = Vec<(u32, f32)>;
 
@@ -97,6 +113,9 @@ pub struct RetrievalIndex {
     /// embedder.
     #[serde(default)]
     semantic: Option<SemanticIndex>,
+    /// The fitted notes' annotated mention windows (empty without annotations).
+    #[serde(default)]
+    mentions: MentionIndex,
     /// Per kind: every code id of that kind.
     #[serde(skip)]
     codes_of_kind: [Vec<u32>; 2],
@@ -114,7 +133,7 @@ pub struct RetrievalIndex {
 
 /// Bumped whenever what the index holds or how it scores changes, so that caches of an older
 /// build are refitted rather than misread.
-const INDEX_FORMAT: u32 = 6;
+const INDEX_FORMAT: u32 = 7;
 
 /// Codes in a ranking (the tail filled with frequent codes).
 const RANKING_LENGTH: usize = 50;
@@ -126,6 +145,8 @@ const DESCRIPTION_CANDIDATES: usize = 30;
 /// their cosines (embedding cosines between notes crowd into a narrow band).
 const SEMANTIC_NEIGHBOURS: usize = 20;
 const SEMANTIC_TEMPERATURE: f32 = 0.05;
+/// Candidates taken from the codes the mention windows vote for most, per kind.
+const MENTION_CANDIDATES: usize = 30;
 
 /// What the retrieval engine is fitted with besides the notes.
 #[derive(Clone, Copy, Default)]
@@ -170,6 +191,10 @@ impl RetrievalIndex {
             for code in note.diagnoses.iter().chain(&note.procedures) {
                 hash.update(code.as_bytes());
                 hash.update([1]);
+            }
+            for m in &note.mentions {
+                hash.update(format!("{:?} {} {} {}", m.kind, m.code, m.start, m.end).as_bytes());
+                hash.update([2]);
             }
         }
         hash.update(aids.signature().as_bytes());
@@ -231,6 +256,7 @@ impl RetrievalIndex {
             prior: Vec::new(),
             rerankers: [None, None],
             semantic: None,
+            mentions: MentionIndex::default(),
             codes_of_kind: Default::default(),
             frequent: Default::default(),
             code_index: Default::default(),
@@ -256,8 +282,8 @@ impl RetrievalIndex {
             index.doc_codes.push(per_kind);
         }
         index.codes = vec![(String::new(), CodeKind::Diagnosis); code_ids.len()];
-        for (code, id) in code_ids {
-            index.codes[id as usize] = code;
+        for (code, &id) in &code_ids {
+            index.codes[id as usize] = code.clone();
         }
         index.prior = vec![0.0; index.codes.len()];
         for per_kind in &index.doc_codes {
@@ -286,7 +312,15 @@ impl RetrievalIndex {
             }
             None => None,
         };
-        index.calibrate(lexical.as_deref(), semantic.as_deref());
+        index.mentions = index.mention_windows(notes, &code_ids, &analyzer);
+        let mentions: Option<Vec<MentionMatch>> = (!index.mentions.is_empty()).then(|| {
+            notes
+                .par_iter()
+                .enumerate()
+                .map(|(d, note)| index.match_mentions(&note.text, Some(d)).0)
+                .collect()
+        });
+        index.calibrate(lexical.as_deref(), semantic.as_deref(), mentions.as_deref());
         Ok(index)
     }
 
@@ -297,6 +331,7 @@ impl RetrievalIndex {
         if let Some(semantic) = &mut index.semantic {
             semantic.derive_tables();
         }
+        index.mentions.derive_tables();
         Ok(index)
     }
 
@@ -364,6 +399,48 @@ impl RetrievalIndex {
         vector
     }
 
+    /// The windows around the fitted notes' annotated mentions of their own gold codes.
+    fn mention_windows(
+        &self,
+        notes: &[LabelledNote],
+        code_ids: &HashMap<(String, CodeKind), u32>,
+        analyzer: &Analyzer,
+    ) -> MentionIndex {
+        let windows = notes
+            .par_iter()
+            .enumerate()
+            .flat_map_iter(|(d, note)| {
+                let chars: Vec<char> = note.text.chars().collect();
+                note.mentions
+                    .iter()
+                    .filter_map(|m| {
+                        let code = *code_ids.get(&(m.code.clone(), m.kind))?;
+                        let window: String = m.window(&chars).iter().collect();
+                        let vector = self.vectorize(&analyzer.terms(&window));
+                        (!vector.is_empty()).then_some(MentionWindow {
+                            note: d as u32,
+                            code,
+                            vector,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        MentionIndex::new(windows)
+    }
+
+    /// The note's sentences matched against the mention windows (`skip`: a fitted note left
+    /// out), and the sentences.
+    fn match_mentions(&self, text: &str, skip: Option<usize>) -> (MentionMatch, Vec<Span>) {
+        let analyzer = Analyzer::default();
+        let sentences = sentences(text);
+        let vectors: Vec<SparseVec> = sentences
+            .iter()
+            .map(|s| self.vectorize(&analyzer.terms(&s.text)))
+            .collect();
+        (self.mentions.match_sentences(&vectors, skip), sentences)
+    }
+
     /// Cosine similarity to every fitted note.
     fn similarities(&self, query: &SparseVec) -> Vec<f32> {
         let mut sims = vec![0f32; self.docs.len()];
@@ -376,17 +453,21 @@ impl RetrievalIndex {
     }
 
     /// Per kind: every candidate code's signals (the `k` nearest notes' vote shares and the
-    /// lexical matches; `skip`: a fitted note left out, for leave-one-out), in the order the
-    /// codes were first met (voted, closest centroids, lexical matches).
+    /// note's other matches; `skip`: a fitted note left out, for leave-one-out), in the order
+    /// the codes were first met (voted, closest centroids, lexical, semantic, mention matches).
     fn candidates<'a>(
         &'a self,
         query: &SparseVec,
         sims: &[f32],
         (k, power): (usize, f32),
         skip: Option<usize>,
-        lexical: Option<&'a PerKind>,
-        semantic: Option<&SemanticMatch>,
+        matches: NoteMatches<'a, '_>,
     ) -> [Vec<(&'a str, Signals)>; 2] {
+        let NoteMatches {
+            lexical,
+            semantic,
+            mentions,
+        } = matches;
         let mut order: Vec<usize> = (0..sims.len()).filter(|&d| Some(d) != skip).collect();
         let k = k.min(order.len());
         let neighbours = if k == 0 {
@@ -449,74 +530,11 @@ impl RetrievalIndex {
             if let (Some(m), Some(neighbours)) = (semantic, &semantic_votes) {
                 self.add_semantic_signals(&mut signals, kind, m, neighbours, &training);
             }
+            if let Some(found) = mentions {
+                self.add_mention_signals(&mut signals, kind, found, &training);
+            }
             signals.list
         })
-    }
-
-    /// The fitted notes closest by sentence embeddings (`skip` left out), with softmax weights.
-    fn semantic_neighbours(&self, cosines: &[f32], skip: Option<usize>) -> Vec<(usize, f32)> {
-        let mut order: Vec<usize> = (0..cosines.len()).filter(|&d| Some(d) != skip).collect();
-        let k = SEMANTIC_NEIGHBOURS.min(order.len());
-        if k == 0 {
-            return Vec::new();
-        }
-        order.select_nth_unstable_by(k - 1, |&a, &b| cosines[b].total_cmp(&cosines[a]));
-        order.truncate(k);
-        let best = order.iter().map(|&d| cosines[d]).fold(f32::MIN, f32::max);
-        let weights: Vec<f32> = order
-            .iter()
-            .map(|&d| ((cosines[d] - best) / SEMANTIC_TEMPERATURE).exp())
-            .collect();
-        let total: f32 = weights.iter().sum::<f32>().max(1e-12);
-        order
-            .into_iter()
-            .zip(weights)
-            .map(|(d, w)| (d, w / total))
-            .collect()
-    }
-
-    /// The embedding neighbours' vote and the description matches of one kind: new candidates
-    /// from both, and every candidate's description cosine.
-    fn add_semantic_signals<'a>(
-        &'a self,
-        signals: &mut CandidateSet<'a>,
-        kind: usize,
-        m: &SemanticMatch,
-        neighbours: &[(usize, f32)],
-        training: &impl Fn(u32, usize) -> Signals,
-    ) {
-        let mut voted: HashMap<u32, f32> = HashMap::new();
-        for &(d, w) in neighbours {
-            for &code in &self.doc_codes[d][kind] {
-                *voted.entry(code).or_default() += w;
-            }
-        }
-        let mut voted: Vec<(u32, f32)> = voted.into_iter().collect();
-        voted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        for (rank, (code, share)) in voted.into_iter().enumerate() {
-            let entry = signals.entry(&self.codes[code as usize].0, || training(code, kind));
-            entry.semantic_knn = share;
-            entry.semantic_knn_rank = rank + 1;
-        }
-        let cosine = |code: u32| m.descriptions.get(code as usize).copied().unwrap_or(0.0);
-        let mut closest: Vec<u32> = self.codes_of_kind[kind].clone();
-        let keep = DESCRIPTION_CANDIDATES.min(closest.len());
-        if keep > 0 {
-            closest.select_nth_unstable_by(keep - 1, |&a, &b| {
-                cosine(b).total_cmp(&cosine(a)).then(a.cmp(&b))
-            });
-            closest.truncate(keep);
-            closest.sort_by(|&a, &b| cosine(b).total_cmp(&cosine(a)).then(a.cmp(&b)));
-        }
-        for (rank, &code) in closest.iter().enumerate() {
-            let entry = signals.entry(&self.codes[code as usize].0, || training(code, kind));
-            entry.description_rank = rank + 1;
-        }
-        for (code, s) in &mut signals.list {
-            if let Some(&c) = self.code_index[kind].get(*code) {
-                s.description = cosine(c);
-            }
-        }
     }
 
     /// The codes of `kind` whose centroids are closest to the query (`dots`: its dot product
@@ -589,128 +607,6 @@ impl RetrievalIndex {
         })
     }
 
-    /// Leave-one-out over the fitted notes: the (k, power) with the best summed MAP of the
-    /// vote alone; then a reranker per kind (vote, code centroids, lexical matches when a
-    /// lexicon is given) kept where it raises MAP; then
-    /// per kind the threshold with the best micro-F1.
-    fn calibrate(&mut self, lexical: Option<&[PerKind]>, semantic: Option<&[SemanticMatch]>) {
-        let sims: Vec<Vec<f32>> = self.docs.par_iter().map(|v| self.similarities(v)).collect();
-        let gold: Vec<[Vec<&str>; 2]> = self
-            .doc_codes
-            .iter()
-            .map(|kinds| {
-                kinds.clone().map(|ids| {
-                    ids.iter()
-                        .map(|&c| self.codes[c as usize].0.as_str())
-                        .collect()
-                })
-            })
-            .collect();
-        let candidates = |settings: (usize, f32), with_lexical: bool| {
-            (0..self.docs.len())
-                .into_par_iter()
-                .map(|d| {
-                    let lex = lexical.filter(|_| with_lexical).map(|l| &l[d]);
-                    let sem = semantic.filter(|_| with_lexical).map(|s| &s[d]);
-                    self.candidates(&self.docs[d], &sims[d], settings, Some(d), lex, sem)
-                })
-                .collect::<Vec<_>>()
-        };
-        let maps_of = |ranked: &[PerKind]| {
-            [0, 1].map(|kind| {
-                mean_average_precision(ranked.iter().zip(&gold).map(|(v, g)| (&v[kind], &g[kind])))
-            })
-        };
-        let none: [Option<Reranker>; 2] = [None, None];
-        // (summed MAP, k, power, MAPs)
-        type Best = (f64, usize, f32, [f64; 2]);
-        let mut best: Option<Best> = None;
-        for k in [5, 8, 12, 20, 30, 50] {
-            for power in [1.0f32, 2.0, 3.0, 5.0] {
-                let ranked: Vec<PerKind> = candidates((k, power), false)
-                    .into_iter()
-                    .map(|c| self.rank(c, &none))
-                    .collect();
-                let maps = maps_of(&ranked);
-                if best.as_ref().is_none_or(|b| maps[0] + maps[1] > b.0) {
-                    best = Some((maps[0] + maps[1], k, power, maps));
-                }
-            }
-        }
-        let Some((_, k, power, mut maps)) = best else {
-            return;
-        };
-        let mut rerankers: [Option<Reranker>; 2] = [None, None];
-        let mut final_candidates = candidates((k, power), false);
-        {
-            let with_lexical = candidates((k, power), true);
-            let fitted: [Option<Reranker>; 2] = [0, 1].map(|kind| {
-                let examples: Vec<(Signals, bool)> = with_lexical
-                    .iter()
-                    .zip(&gold)
-                    .flat_map(|(c, g)| {
-                        c[kind]
-                            .iter()
-                            .map(|(code, s)| (*s, g[kind].contains(code)))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect();
-                Reranker::fit(&examples)
-            });
-            let ranked: Vec<PerKind> = with_lexical
-                .iter()
-                .map(|c| self.rank(c.clone(), &fitted))
-                .collect();
-            let reranked_maps = maps_of(&ranked);
-            for kind in 0..2 {
-                if fitted[kind].is_some() && reranked_maps[kind] > maps[kind] {
-                    maps[kind] = reranked_maps[kind];
-                    rerankers[kind] = fitted[kind].clone();
-                }
-            }
-            if rerankers.iter().any(Option::is_some) {
-                final_candidates = with_lexical;
-            }
-        }
-        let votes: Vec<PerKind> = final_candidates
-            .into_iter()
-            .map(|c| self.rank(c, &rerankers))
-            .collect();
-        let mut thresholds = [0.5f32; 2];
-        let mut f1s = [0.0f64; 2];
-        for kind in 0..2 {
-            for step in 1..40 {
-                let t = step as f32 * 0.025;
-                let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
-                for (v, g) in votes.iter().zip(&gold) {
-                    let chosen: Vec<&str> = v[kind]
-                        .iter()
-                        .filter(|(_, c)| *c >= t)
-                        .map(|(code, _)| code.as_str())
-                        .collect();
-                    let hits = chosen.iter().filter(|c| g[kind].contains(c)).count();
-                    tp += hits;
-                    fp += chosen.len() - hits;
-                    fn_ += g[kind].len() - hits;
-                }
-                let f1 = f1_score(tp, fp, fn_);
-                if f1 > f1s[kind] {
-                    f1s[kind] = f1;
-                    thresholds[kind] = t;
-                }
-            }
-        }
-        self.calibration = Calibration {
-            neighbours: k,
-            power,
-            reranked: [rerankers[0].is_some(), rerankers[1].is_some()],
-            thresholds,
-            loo_map: maps,
-            loo_micro_f1: f1s,
-        };
-        self.rerankers = rerankers;
-    }
-
     /// Code one note. `describe` gives a code's description and billable flag where the code
     /// set knows it; descriptions also pick the evidence sentence.
     pub fn predict(
@@ -736,17 +632,25 @@ impl RetrievalIndex {
             }
             _ => None,
         };
-        let votes = self.rank(
-            self.candidates(
-                &query,
-                &sims,
-                (c.neighbours, c.power),
-                None,
-                lexical.as_ref(),
-                semantic.as_ref(),
-            ),
-            &self.rerankers,
+        let (mentions, mention_sentences) =
+            if self.mentions.is_empty() || self.rerankers.iter().all(Option::is_none) {
+                (None, Vec::new())
+            } else {
+                let (found, sentences) = self.match_mentions(text, None);
+                (Some(found), sentences)
+            };
+        let candidates = self.candidates(
+            &query,
+            &sims,
+            (c.neighbours, c.power),
+            None,
+            NoteMatches {
+                lexical: lexical.as_ref(),
+                semantic: semantic.as_ref(),
+                mentions: mentions.as_ref(),
+            },
         );
+        let votes = self.rank(candidates, &self.rerankers);
         let sentences = NoteSentences::new(text, &words);
         let items = |kind: usize| -> Vec<CodedItem> {
             votes[kind]
@@ -766,7 +670,23 @@ impl RetrievalIndex {
                             })
                         }
                         _ => None,
-                    };
+                    }
+                    .or_else(|| {
+                        // No description words in the note: the sentence that matched an
+                        // annotated mention of the code best.
+                        let code_id = self.code_index[kind].get(code.as_str())?;
+                        let score = mentions.as_ref()?.get(code_id)?;
+                        let sentence =
+                            mention_sentences.get(score.sentence).filter(|_| assigned)?;
+                        Some((
+                            EvidenceSpan {
+                                start: sentence.start,
+                                end: sentence.end,
+                                text: sentence.text.clone(),
+                            },
+                            assertion_in_note(text, sentence.start),
+                        ))
+                    });
                     let (evidence, assertion) = match found {
                         Some((span, assertion)) => (vec![span], Some(assertion)),
                         None => (Vec::new(), None),
@@ -813,83 +733,5 @@ impl RetrievalIndex {
     }
 }
 
-fn f1_score(tp: usize, fp: usize, fn_: usize) -> f64 {
-    if tp == 0 {
-        return 0.0;
-    }
-    2.0 * tp as f64 / (2 * tp + fp + fn_) as f64
-}
-
-/// MAP over notes with at least one gold code (a note without prediction scores 0).
-fn mean_average_precision<'a>(pairs: impl Iterator<Item = (&'a Ranked, &'a Vec<&'a str>)>) -> f64 {
-    let aps: Vec<f64> = pairs
-        .filter(|(_, gold)| !gold.is_empty())
-        .map(|(ranking, gold)| average_precision(ranking.iter().map(|(c, _)| c), gold))
-        .collect();
-    aps.iter().sum::<f64>() / aps.len().max(1) as f64
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn note(id: &str, text: &str, dx: &[&str]) -> LabelledNote {
-        LabelledNote {
-            id: id.into(),
-            text: text.into(),
-            diagnoses: dx.iter().map(|s| s.to_string()).collect(),
-            procedures: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn similar_notes_lend_their_codes_and_evidence_points_into_the_note() {
-        let mut notes = Vec::new();
-        for i in 0..6 {
-            notes.push(note(
-                &format!("d{i}"),
-                &format!("Type 2 diabetes mellitus with poor glycemic control, visit {i}."),
-                &["E11.9"],
-            ));
-            notes.push(note(
-                &format!("p{i}"),
-                &format!("Community acquired pneumonia of the right lower lobe, case {i}."),
-                &["J18.9"],
-            ));
-        }
-        let index = RetrievalIndex::fit(&notes, "test".into(), FitAids::default()).unwrap();
-        assert!(
-            index.calibration.loo_map[0] > 0.99,
-            "{:?}",
-            index.calibration
-        );
-        let text = "Known diabetes mellitus type 2. Glycemic control was poor.";
-        let describe = |code: &str, _: CodeKind| {
-            (code == "E11.9").then(|| {
-                (
-                    "Type 2 diabetes mellitus without complications".into(),
-                    true,
-                )
-            })
-        };
-        let p = index.predict("x", text, &describe, None, None).unwrap();
-        assert_eq!(p.diagnoses[0].code, "E11.9");
-        assert!(p.diagnoses[0].assigned);
-        let ev = &p.diagnoses[0].evidence[0];
-        let quoted: String = text
-            .chars()
-            .skip(ev.start)
-            .take(ev.end - ev.start)
-            .collect();
-        assert_eq!(quoted, ev.text);
-        assert!(ev.text.contains("diabetes"));
-        assert!(!p.diagnoses.iter().skip(1).any(|c| c.assigned));
-        let back = RetrievalIndex::from_json(&index.to_json().unwrap()).unwrap();
-        assert_eq!(
-            back.predict("x", text, &describe, None, None)
-                .unwrap()
-                .diagnoses,
-            p.diagnoses
-        );
-    }
-}
+mod tests;

@@ -293,6 +293,7 @@ fn write_records(
     codes.flush().db(ctx)?;
     let mut evidence = conn.appender("evidence").db(ctx)?;
     for r in records {
+        let spans_text_chars = r.text_es.as_ref().map(|t| t.chars().count() as i64);
         for e in &r.evidence {
             let (kind, system) = if e.label.eq_ignore_ascii_case("PROCEDIMIENTO") {
                 ("procedure", CodeSystem::Pcs)
@@ -313,7 +314,8 @@ fn write_records(
                     normalize(&e.code, system),
                     e.reference,
                     spans,
-                    "es"
+                    "es",
+                    spans_text_chars
                 ])
                 .db(ctx)?;
         }

@@ -8,7 +8,8 @@ use serde::Serialize;
 use crate::error::DbContext;
 use crate::StoreError;
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: `evidence.spans_text_chars`.
+const SCHEMA_VERSION: i64 = 2;
 
 /// DuckDB's memory limit unless MEDCODER_DB_MEMORY sets another.
 const DEFAULT_MEMORY_LIMIT: &str = "3GB";
@@ -76,7 +77,10 @@ CREATE TABLE IF NOT EXISTS evidence (
     reference VARCHAR NOT NULL,
     spans VARCHAR NOT NULL,
     -- The language of the text the offsets point into (CodiEsp: the Spanish original).
-    spans_lang VARCHAR NOT NULL
+    spans_lang VARCHAR NOT NULL,
+    -- That text's length in characters (NULL when unknown), so that the spans can be placed
+    -- approximately in a translation of it.
+    spans_text_chars BIGINT
 );
 CREATE TABLE IF NOT EXISTS splits (
     dataset VARCHAR NOT NULL,
@@ -215,21 +219,29 @@ impl Store {
             )
             .ok();
         match version.and_then(|v| v.parse::<i64>().ok()) {
-            None => {
-                self.conn
-                    .execute(
-                        "INSERT INTO meta VALUES ('schema_version', ?)",
-                        params![SCHEMA_VERSION.to_string()],
-                    )
-                    .db(|| "recording the schema version".into())?;
-            }
             Some(v) if v > SCHEMA_VERSION => {
                 return Err(StoreError::Invalid(format!(
                     "{}: made by a newer medcoder (schema {v}, this one knows {SCHEMA_VERSION})",
                     self.path.display()
                 )))
             }
-            Some(_) => {}
+            Some(SCHEMA_VERSION) => {}
+            _ => {
+                // Schema 1 → 2: the evidence's source text length (unknown for rows already
+                // there: a re-import fills it).
+                let ctx = || format!("{}: upgrading the schema", self.path.display());
+                self.conn
+                    .execute_batch(
+                        "ALTER TABLE evidence ADD COLUMN IF NOT EXISTS spans_text_chars BIGINT",
+                    )
+                    .db(ctx)?;
+                self.conn
+                    .execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                        params![SCHEMA_VERSION.to_string()],
+                    )
+                    .db(ctx)?;
+            }
         }
         Ok(())
     }
@@ -425,6 +437,37 @@ mod tests {
         drop(store);
         let store = Store::open(&path).unwrap();
         assert!(store.table_exists("main", "documents").unwrap());
+    }
+
+    #[test]
+    fn a_schema_1_database_gains_the_evidence_text_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.duckdb");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let schema_1 = SCHEMA.replace(
+                ",\n    -- That text's length in characters (NULL when unknown), so that the spans can be placed\n    -- approximately in a translation of it.\n    spans_text_chars BIGINT",
+                "",
+            );
+            assert!(!schema_1.contains("spans_text_chars"));
+            conn.execute_batch(&schema_1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO meta VALUES ('schema_version', '1');
+                 INSERT INTO evidence VALUES ('d', 'a', 'diagnosis', 'I10', 'x', '0 1', 'es');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let (chars, version): (Option<i64>, String) = store
+            .conn
+            .query_row(
+                "SELECT e.spans_text_chars, m.value FROM evidence e, meta m
+                 WHERE m.key = 'schema_version'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((chars, version.as_str()), (None, "2"));
     }
 
     #[test]

@@ -36,6 +36,49 @@ pub struct Evidence {
     /// `(start, end)` character offsets, end exclusive, into the text in `spans_lang`.
     pub spans: Vec<(u64, u64)>,
     pub spans_lang: String,
+    /// The length in characters of the text the spans point into, when known (it places
+    /// them approximately in a translation).
+    pub spans_text_chars: Option<u64>,
+}
+
+/// The evidence columns, in the order [`evidence_row`] reads them.
+const EVIDENCE_COLUMNS: &str = "kind, code, reference, spans, spans_lang, spans_text_chars";
+
+type EvidenceRow = (String, String, String, String, String, Option<i64>);
+
+fn read_evidence_row(r: &duckdb::Row<'_>, first: usize) -> duckdb::Result<EvidenceRow> {
+    Ok((
+        r.get(first)?,
+        r.get(first + 1)?,
+        r.get(first + 2)?,
+        r.get(first + 3)?,
+        r.get(first + 4)?,
+        r.get(first + 5)?,
+    ))
+}
+
+/// The row as [`Evidence`]; an error naming the document for spans that do not parse.
+fn evidence_row(row: EvidenceRow, dataset: &str, doc_id: &str) -> Result<Evidence, StoreError> {
+    let (kind, code, reference, spans, spans_lang, chars) = row;
+    let spans = parse_spans(&spans).ok_or_else(|| {
+        StoreError::Invalid(format!("{dataset}/{doc_id}: bad evidence spans `{spans}`"))
+    })?;
+    Ok(Evidence {
+        kind,
+        code,
+        reference,
+        spans,
+        spans_lang,
+        spans_text_chars: chars.and_then(|c| u64::try_from(c).ok()),
+    })
+}
+
+/// A document's evidence with the language of the document's own text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentEvidence {
+    pub doc_id: String,
+    pub lang: Option<String>,
+    pub evidence: Evidence,
 }
 
 impl Store {
@@ -110,35 +153,15 @@ impl Store {
             codes.into_iter().partition(|(kind, _)| kind == "diagnosis");
         let mut stmt = self
             .conn()
-            .prepare(
-                "SELECT kind, code, reference, spans, spans_lang FROM evidence
-                 WHERE dataset = ? AND doc_id = ? ORDER BY rowid",
-            )
+            .prepare(&format!(
+                "SELECT {EVIDENCE_COLUMNS} FROM evidence
+                 WHERE dataset = ? AND doc_id = ? ORDER BY rowid"
+            ))
             .db(ctx)?;
         let evidence = stmt
-            .query_map(params![dataset, doc_id], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get(4)?,
-                ))
-            })
+            .query_map(params![dataset, doc_id], |r| read_evidence_row(r, 0))
             .db(ctx)?
-            .map(|row| {
-                let (kind, code, reference, spans, spans_lang) = row.db(ctx)?;
-                let spans = parse_spans(&spans).ok_or_else(|| {
-                    StoreError::Invalid(format!("{dataset}/{doc_id}: bad evidence spans `{spans}`"))
-                })?;
-                Ok(Evidence {
-                    kind,
-                    code,
-                    reference,
-                    spans,
-                    spans_lang,
-                })
-            })
+            .map(|row| evidence_row(row.db(ctx)?, dataset, doc_id))
             .collect::<Result<_, StoreError>>()?;
         Ok(Some(Document {
             doc_id: doc_id.to_string(),
@@ -151,6 +174,46 @@ impl Store {
             split,
             evidence,
         }))
+    }
+}
+
+impl Store {
+    /// Every evidence span of a dataset, by document id then file order.
+    pub fn dataset_evidence(&self, dataset: &str) -> Result<Vec<DocumentEvidence>, StoreError> {
+        self.dataset(dataset)?;
+        let ctx = || format!("reading the evidence of {dataset}");
+        let mut stmt = self
+            .conn()
+            .prepare(&format!(
+                "SELECT e.doc_id, d.lang, {} FROM evidence e
+                 LEFT JOIN documents d ON d.dataset = e.dataset AND d.doc_id = e.doc_id
+                 WHERE e.dataset = ? ORDER BY e.doc_id, e.rowid",
+                EVIDENCE_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("e.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .db(ctx)?;
+        let rows = stmt
+            .query_map(params![dataset], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    read_evidence_row(r, 2)?,
+                ))
+            })
+            .db(ctx)?;
+        rows.map(|row| {
+            let (doc_id, lang, row) = row.db(ctx)?;
+            let evidence = evidence_row(row, dataset, &doc_id)?;
+            Ok(DocumentEvidence {
+                doc_id,
+                lang,
+                evidence,
+            })
+        })
+        .collect()
     }
 }
 
@@ -183,7 +246,7 @@ mod tests {
                      INSERT INTO document_codes VALUES ('d', 'a', 'diagnosis', 2, 'I10', 10),
                         ('d', 'a', 'diagnosis', 1, 'E11.9', 10), ('d', 'a', 'procedure', 1, '0DTJ4ZZ', 10);
                      INSERT INTO splits VALUES ('d', 'a', 'validation');
-                     INSERT INTO evidence VALUES ('d', 'a', 'diagnosis', 'E11.9', 'text', '5 9;0 1', 'es');",
+                     INSERT INTO evidence VALUES ('d', 'a', 'diagnosis', 'E11.9', 'text', '5 9;0 1', 'es', 30);",
                 )
                 .db(|| "test rows".into())
             })
@@ -195,6 +258,14 @@ mod tests {
         assert_eq!(a.text.as_deref(), Some("text a"));
         assert_eq!(a.evidence.len(), 1);
         assert_eq!(a.evidence[0].spans, [(5, 9), (0, 1)]);
+        assert_eq!(a.evidence[0].spans_text_chars, Some(30));
+        let all = store.dataset_evidence("d").unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].doc_id.as_str(), all[0].lang.as_deref()),
+            ("a", Some("en"))
+        );
+        assert_eq!(all[0].evidence, a.evidence[0]);
         let b = store.document("d", "b").unwrap().unwrap();
         assert_eq!((b.text, b.icd_version, b.split), (None, None, None));
         assert!(store.document("d", "c").unwrap().is_none());

@@ -18,7 +18,7 @@ mod tokens;
 
 pub use codiesp::{import_codiesp, CodiespOptions, Language};
 pub use db::{Dataset, DatasetKind, Store};
-pub use documents::{Document, Evidence};
+pub use documents::{Document, DocumentEvidence, Evidence};
 pub use error::StoreError;
 pub use instructions::{import_instructions, InstructionFormat, InstructionOptions};
 pub use mimic::{import_mimic, IcdNineHandling, MimicOptions, MimicVersion};
