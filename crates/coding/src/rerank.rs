@@ -28,14 +28,22 @@ pub(crate) struct Signals {
     pub description: f32,
     /// 1-based rank among the codes whose descriptions match the note best, 0 when not there.
     pub description_rank: usize,
-    /// Share of the vote of the annotated mention windows closest to the note's sentences,
-    /// its rank, and the best cosine of one of the code's windows with one sentence.
-    pub mention: f32,
-    pub mention_rank: usize,
-    pub mention_best: f32,
+    /// The vote of the annotated mention windows closest to the note's sentences (TF-IDF),
+    /// and of the annotated mention sentences closest by sentence embeddings.
+    pub mention: MentionVote,
+    pub mention_semantic: MentionVote,
 }
 
-const FEATURES: usize = 22;
+/// A code's share of a mention vote, its rank (1-based, 0 when not voted) and the best cosine
+/// of one of its mentions with one sentence of the note.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct MentionVote {
+    pub share: f32,
+    pub rank: usize,
+    pub best: f32,
+}
+
+const FEATURES: usize = 25;
 
 fn features(s: &Signals) -> [f32; FEATURES] {
     let inv = |r: usize| if r == 0 { 0.0 } else { 1.0 / r as f32 };
@@ -59,9 +67,12 @@ fn features(s: &Signals) -> [f32; FEATURES] {
         s.description,
         inv(s.description_rank),
         s.description * f32::from(u8::from(s.lexical_rank > 0)),
-        s.mention,
-        inv(s.mention_rank),
-        s.mention_best,
+        s.mention.share,
+        inv(s.mention.rank),
+        s.mention.best,
+        s.mention_semantic.share,
+        inv(s.mention_semantic.rank),
+        s.mention_semantic.best,
     ]
 }
 

@@ -31,7 +31,7 @@ use centroids::Centroids;
 use medcoder_models::SentenceEmbedder;
 pub use mentions::GoldMention;
 use mentions::{MentionIndex, MentionMatch, MentionWindow};
-use semantic::{embed_notes, embedder_name, SemanticIndex, SemanticMatch};
+use semantic::{embed_notes, embedder_name, MentionSentence, SemanticIndex, SemanticMatch};
 
 /// A note with its gold codes, to fit the index on.
 #[derive(Debug, Clone)]
@@ -88,6 +88,35 @@ struct NoteMatches<'a, 'm> {
     lexical: Option<&'a PerKind>,
     semantic: Option<&'m SemanticMatch>,
     mentions: Option<&'m MentionMatch>,
+}
+
+/// Per annotated mention of the fitted notes: the sentence of its note it starts in.
+fn mention_sentences(
+    notes: &[LabelledNote],
+    code_ids: &HashMap<(String, CodeKind), u32>,
+) -> Vec<MentionSentence> {
+    let mut found = Vec::new();
+    for (d, note) in notes.iter().enumerate() {
+        if note.mentions.is_empty() {
+            continue;
+        }
+        let spans = sentences(&note.text);
+        for m in &note.mentions {
+            let Some(&code) = code_ids.get(&(m.code.clone(), m.kind)) else {
+                continue;
+            };
+            let sentence = spans
+                .iter()
+                .position(|s| m.start < s.end)
+                .unwrap_or(spans.len().saturating_sub(1));
+            found.push(MentionSentence {
+                note: d,
+                sentence,
+                code,
+            });
+        }
+    }
+    found
 }
 
 /// A sparse, L2-normalised term vector: (term id, weight), sorted by term id.
@@ -304,9 +333,13 @@ impl RetrievalIndex {
                     .iter()
                     .map(|(code, kind)| describe(code, *kind).map(|(d, _)| d))
                     .collect();
-                let semantic = SemanticIndex::build(embedder, &embedded, &descriptions)?;
-                let matches: Vec<SemanticMatch> =
-                    embedded.iter().map(|n| semantic.match_note(n)).collect();
+                let mentions = mention_sentences(notes, &code_ids);
+                let semantic = SemanticIndex::build(embedder, &embedded, &descriptions, &mentions)?;
+                let matches: Vec<SemanticMatch> = embedded
+                    .par_iter()
+                    .enumerate()
+                    .map(|(d, n)| semantic.match_note(n, Some(d)))
+                    .collect();
                 index.semantic = Some(semantic);
                 Some(matches)
             }
@@ -531,7 +564,12 @@ impl RetrievalIndex {
                 self.add_semantic_signals(&mut signals, kind, m, neighbours, &training);
             }
             if let Some(found) = mentions {
-                self.add_mention_signals(&mut signals, kind, found, &training);
+                self.add_mention_signals(&mut signals, kind, found, &training, |s| &mut s.mention);
+            }
+            if let Some(m) = semantic.filter(|m| !m.mentions.is_empty()) {
+                self.add_mention_signals(&mut signals, kind, &m.mentions, &training, |s| {
+                    &mut s.mention_semantic
+                });
             }
             signals.list
         })
@@ -675,7 +713,10 @@ impl RetrievalIndex {
                         // No description words in the note: the sentence that matched an
                         // annotated mention of the code best.
                         let code_id = self.code_index[kind].get(code.as_str())?;
-                        let score = mentions.as_ref()?.get(code_id)?;
+                        let score = mentions
+                            .as_ref()
+                            .and_then(|m| m.get(code_id))
+                            .or_else(|| semantic.as_ref()?.mentions.get(code_id))?;
                         let sentence =
                             mention_sentences.get(score.sentence).filter(|_| assigned)?;
                         Some((

@@ -10,7 +10,7 @@ use super::{
     SEMANTIC_TEMPERATURE,
 };
 use crate::prediction::CodeKind;
-use crate::rerank::Signals;
+use crate::rerank::{MentionVote, Signals};
 
 impl RetrievalIndex {
     /// The fitted notes closest by sentence embeddings (`skip` left out), with softmax weights.
@@ -83,14 +83,16 @@ impl RetrievalIndex {
         }
     }
 
-    /// The mention windows' votes of one kind: the best voted codes become candidates, and
-    /// every candidate voted for gets its share, rank and best cosine.
+    /// The mention votes of one kind: the best voted codes become candidates, and every
+    /// candidate voted for gets its share, rank and best cosine (`vote`: the signals they set,
+    /// by TF-IDF windows or embedded sentences).
     pub(super) fn add_mention_signals<'a>(
         &'a self,
         signals: &mut CandidateSet<'a>,
         kind: usize,
         found: &MentionMatch,
         training: &impl Fn(u32, usize) -> Signals,
+        vote: fn(&mut Signals) -> &mut MentionVote,
     ) {
         let mut voted: Vec<(u32, MentionScore)> = found
             .iter()
@@ -109,9 +111,11 @@ impl RetrievalIndex {
                     None => continue,
                 }
             };
-            entry.mention = score.votes / total;
-            entry.mention_rank = rank + 1;
-            entry.mention_best = score.best;
+            *vote(entry) = MentionVote {
+                share: score.votes / total,
+                rank: rank + 1,
+                best: score.best,
+            };
         }
     }
 }

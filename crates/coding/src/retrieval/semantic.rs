@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use medcoder_models::SentenceEmbedder;
 use serde::{Deserialize, Serialize};
 
+use super::mentions::MentionMatch;
 use crate::text::sentences;
 use crate::CodingError;
 
@@ -18,7 +19,22 @@ use crate::CodingError;
 pub(crate) struct SemanticMatch {
     pub notes: Vec<f32>,
     pub descriptions: Vec<f32>,
+    /// The codes whose annotated mention sentences are closest to the note's sentences.
+    pub mentions: MentionMatch,
 }
+
+/// An annotated mention's sentence among a fitted note's embedded sentences.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MentionSentence {
+    pub note: usize,
+    pub sentence: usize,
+    pub code: u32,
+}
+
+/// Mention sentences each sentence of a note votes with, and the power of the cosine that
+/// weighs the vote (embedding cosines crowd into a narrow band).
+const MENTION_SENTENCES_PER_SENTENCE: usize = 10;
+const MENTION_COSINE_POWER: i32 = 4;
 
 /// What is kept of the fitted notes and codes (saved with the index).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,8 +46,16 @@ pub(crate) struct SemanticIndex {
     notes: Vec<f32>,
     /// Per code id: its description's embedding (zeros where the code set has none).
     descriptions: Vec<f32>,
+    /// The fitted notes' sentences that hold an annotated mention: embeddings (rows), and
+    /// per row the note and the code.
+    #[serde(default)]
+    mention_rows: Vec<f32>,
+    #[serde(default)]
+    mention_of: Vec<(u32, u32)>,
     #[serde(skip)]
     tensors: Option<(Tensor, Tensor)>,
+    #[serde(skip)]
+    mention_tensor: Option<Tensor>,
 }
 
 /// A note's sentences' embeddings (rows) and its own embedding.
@@ -94,6 +118,7 @@ impl SemanticIndex {
         embedder: &SentenceEmbedder,
         notes: &[EmbeddedNote],
         descriptions: &[Option<String>],
+        mentions: &[MentionSentence],
     ) -> Result<Self, CodingError> {
         let dim = embedder.dimension();
         let described: Vec<(usize, &str)> = descriptions
@@ -107,12 +132,24 @@ impl SemanticIndex {
         for ((code, _), v) in described.iter().zip(vectors) {
             table[code * dim..(code + 1) * dim].copy_from_slice(&v);
         }
+        let mut mention_rows = Vec::with_capacity(mentions.len() * dim);
+        let mut mention_of = Vec::with_capacity(mentions.len());
+        for m in mentions {
+            let rows = &notes[m.note].sentences;
+            if let Some(row) = rows.get(m.sentence * dim..(m.sentence + 1) * dim) {
+                mention_rows.extend_from_slice(row);
+                mention_of.push((m.note as u32, m.code));
+            }
+        }
         let mut index = Self {
             embedder: embedder_name(embedder),
             dimension: dim,
             notes: notes.iter().flat_map(|n| n.note.iter().copied()).collect(),
             descriptions: table,
+            mention_rows,
+            mention_of,
             tensors: None,
+            mention_tensor: None,
         };
         index.derive_tables();
         Ok(index)
@@ -125,10 +162,14 @@ impl SemanticIndex {
         self.tensors = as_matrix(&self.notes)
             .and_then(|n| Ok((n, as_matrix(&self.descriptions)?)))
             .ok();
+        self.mention_tensor = (!self.mention_of.is_empty())
+            .then(|| as_matrix(&self.mention_rows).ok())
+            .flatten();
     }
 
-    /// The note's cosines to every fitted note and every code's description.
-    pub fn match_note(&self, note: &EmbeddedNote) -> SemanticMatch {
+    /// The note's cosines to every fitted note and every code's description, and the votes of
+    /// the mention sentences closest to its sentences (`skip`: a fitted note's left out).
+    pub fn match_note(&self, note: &EmbeddedNote, skip: Option<usize>) -> SemanticMatch {
         let Some((notes, descriptions)) = &self.tensors else {
             return SemanticMatch::default();
         };
@@ -146,12 +187,53 @@ impl SemanticIndex {
                     .max(0)?
                     .to_vec1::<f32>()?
             };
+            let mentions = match &self.mention_tensor {
+                Some(table) if rows > 0 => {
+                    let cosines = Tensor::from_slice(&note.sentences, (rows, dim), &Device::Cpu)?
+                        .matmul(&table.t()?)?
+                        .to_vec2::<f32>()?;
+                    self.mention_votes(&cosines, skip)
+                }
+                _ => MentionMatch::new(),
+            };
             Ok(SemanticMatch {
                 notes: to_notes,
                 descriptions: to_descriptions,
+                mentions,
             })
         };
         run().unwrap_or_default()
+    }
+
+    /// Each sentence's closest mention sentences (cosines: [sentence][mention row]) vote for
+    /// their codes with a power of their cosine.
+    fn mention_votes(&self, cosines: &[Vec<f32>], skip: Option<usize>) -> MentionMatch {
+        let mut found = MentionMatch::new();
+        let mut rows: Vec<usize> = Vec::new();
+        for (s, sentence) in cosines.iter().enumerate() {
+            rows.clear();
+            rows.extend(
+                (0..sentence.len())
+                    .filter(|&r| Some(self.mention_of[r].0 as usize) != skip && sentence[r] > 0.0),
+            );
+            let keep = MENTION_SENTENCES_PER_SENTENCE.min(rows.len());
+            if keep == 0 {
+                continue;
+            }
+            rows.select_nth_unstable_by(keep - 1, |&a, &b| {
+                sentence[b].total_cmp(&sentence[a]).then(a.cmp(&b))
+            });
+            for &r in &rows[..keep] {
+                let cosine = sentence[r];
+                let score = found.entry(self.mention_of[r].1).or_default();
+                score.votes += cosine.powi(MENTION_COSINE_POWER);
+                if cosine > score.best {
+                    score.best = cosine;
+                    score.sentence = s;
+                }
+            }
+        }
+        found
     }
 
     /// Embeds and matches one note.
@@ -163,7 +245,7 @@ impl SemanticIndex {
         let embedded = embed_notes(embedder, &[text])?;
         Ok(embedded
             .first()
-            .map(|note| self.match_note(note))
+            .map(|note| self.match_note(note, None))
             .unwrap_or_default())
     }
 }
@@ -197,7 +279,12 @@ mod tests {
             Some("Pneumonia, unspecified organism".to_string()),
             None,
         ];
-        let index = SemanticIndex::build(&embedder, &embedded, &descriptions).unwrap();
+        let mention = MentionSentence {
+            note: 1,
+            sentence: 0,
+            code: 1,
+        };
+        let index = SemanticIndex::build(&embedder, &embedded, &descriptions, &[mention]).unwrap();
         // Shares no content word with the second note or the pneumonia description.
         let query = "Fever and a productive cough. The chest film showed a lung infection.";
         let m = index.match_text(&embedder, query).unwrap();
@@ -210,6 +297,14 @@ mod tests {
             m.descriptions
         );
         assert_eq!(m.descriptions[2], 0.0);
+        // The pneumonia sentence annotated with code 1 is the closest to the infection.
+        assert_eq!(m.mentions.len(), 1);
+        assert_eq!(m.mentions[&1].sentence, 1, "{:?}", m.mentions);
+        let embedded_query = embed_notes(&embedder, &[query]).unwrap();
+        assert!(index
+            .match_note(&embedded_query[0], Some(1))
+            .mentions
+            .is_empty());
         // Read back from JSON, the index matches the same.
         let back: SemanticIndex =
             serde_json::from_str(&serde_json::to_string(&index).unwrap()).unwrap();
