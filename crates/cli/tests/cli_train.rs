@@ -302,6 +302,12 @@ fn assert_llm_engine_writes_only_allowed_codes(fx: &Fixture, model: &str, adapte
             for c in p[kind].as_array().expect("a list") {
                 let code = c["code"].as_str().expect("a code");
                 assert!(allowed.contains(code), "{code} is not a training code");
+                // The probability the model gave the code.
+                let confidence = c["confidence"].as_f64().expect("a confidence");
+                assert!(
+                    confidence > 0.0 && confidence <= 1.0,
+                    "{code}: {confidence}"
+                );
                 codes += 1;
             }
         }

@@ -256,7 +256,48 @@ impl AnswerGrammar {
     }
 }
 
+/// A code of an answer and where it was written, in characters of the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeSpan {
+    pub code: String,
+    pub kind: CodeKind,
+    /// Where the text that led to the code starts: the end of the code before it (so the
+    /// separator, which chose another code over ending the answer, is counted with this one),
+    /// or the end of the prefix for the first code.
+    pub lead: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
 impl AnswerGrammar {
+    /// The codes of an answer (complete, or cut short by a token limit: its whole codes) with
+    /// their places, in the order written.
+    pub fn code_spans(&self, text: &str) -> Vec<CodeSpan> {
+        let codes = self.parse(text).unwrap_or_else(|| self.parse_prefix(text));
+        let chars: Vec<char> = text.chars().collect();
+        let mut cursor = self.prefix.len();
+        let mut spans = Vec::with_capacity(codes.len());
+        for (code, kind) in codes {
+            let needle: Vec<char> = code.chars().collect();
+            // The codes follow each other, a separator between: the first match after the
+            // code before is this one (a code holds no separator).
+            let found = (cursor..=chars.len().saturating_sub(needle.len()))
+                .find(|&at| chars[at..].starts_with(&needle));
+            if let Some(start) = found {
+                let end = start + needle.len();
+                spans.push(CodeSpan {
+                    code,
+                    kind,
+                    lead: cursor,
+                    start,
+                    end,
+                });
+                cursor = end;
+            }
+        }
+        spans
+    }
+
     /// The whole codes of an answer cut short (by a token limit), in order.
     pub fn parse_prefix(&self, text: &str) -> Vec<(String, CodeKind)> {
         let body: String = text.chars().skip(self.prefix.len()).collect();
@@ -450,6 +491,30 @@ mod tests {
             ]
         );
         assert_eq!(grammar.parse_prefix("I10, R51, E11.").len(), 2);
+    }
+
+    #[test]
+    fn code_spans_place_each_code_after_its_separator() {
+        let span = |code: &str, lead, start, end| CodeSpan {
+            code: code.into(),
+            kind: trie().kind_of(code).unwrap(),
+            lead,
+            start,
+            end,
+        };
+        let grammar = AnswerGrammar::new("Codes: {codes}\n", ", ", trie());
+        assert_eq!(
+            grammar.code_spans("Codes: R51, R51.9, 0DTJ4ZZ\n"),
+            [
+                span("R51", 7, 7, 10),
+                span("R51.9", 10, 12, 17),
+                span("0DTJ4ZZ", 17, 19, 26)
+            ]
+        );
+        // Cut short inside a code: the whole ones.
+        let bare = AnswerGrammar::new("{codes}", ", ", trie());
+        assert_eq!(bare.code_spans("I10, E11.6"), [span("I10", 0, 0, 3)]);
+        assert!(bare.code_spans("").is_empty());
     }
 
     fn next_random(state: &mut u64) -> u64 {

@@ -11,6 +11,7 @@ pub mod fhir;
 pub mod guidelines;
 pub mod lexical;
 pub mod llm;
+mod llm_confidence;
 pub mod model_answer;
 pub mod openai;
 pub mod pdf;

@@ -1,21 +1,30 @@
 //! The `llm` engine: a local model (plus a LoRA adapter from `medcoder train`) prompted exactly
 //! as in training, decoding greedily under [`ConstrainedCodes`], so that every code it writes
-//! is in the allowed set. Codes come in the order the model wrote them; the engine has no
-//! calibrated confidence, so each generated code is assigned with confidence 1.
+//! is in the allowed set. Every generated code is assigned. Codes are ranked in the order the
+//! model wrote them, not by confidence (the order is the model's own ranking; a code written
+//! later may be likelier than one before it). A code's confidence is the probability the model
+//! gave to writing it where it did: `exp` of the summed log-probabilities of the tokens that
+//! spell it and of the separator before it (which chose another code over ending the answer),
+//! under the constrained decoder's mask at temperature 1 (see `llm_confidence.rs`). It is the
+//! model's own probability, in (0, 1], not calibrated against gold codes.
 //!
 //! A note whose prompt would pass `max_prompt_tokens` is coded in chunks cut at sentence ends
 //! (paragraphs and lines end sentences too), each prompted alone; the answers are merged in
-//! chunk order, each code ranked where it first appeared. Nothing of the note is dropped.
+//! chunk order, each code ranked where it first appeared, with the highest confidence any
+//! chunk gave it. Nothing of the note is dropped.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use medcoder_infer::{GenerateRequest, LogitsProcessor, SamplingParams, StopConditions};
+use medcoder_infer::{
+    GenerateRequest, Generation, LogitsProcessor, SamplingParams, StopConditions,
+};
 use medcoder_models::LoadedModel;
 use medcoder_train::{coding_prompt_text, PromptTemplate};
 
 use crate::constrained::{AnswerGrammar, CodeTrie, ConstrainedCodes};
 use crate::evidence::{best_sentence, NoteSentences};
+use crate::llm_confidence::{scored_codes, ScoredCode};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, NotePrediction};
 use crate::text::{sentences, words, Analyzer};
 use crate::CodingError;
@@ -24,7 +33,7 @@ use crate::CodingError;
 const MIN_CHUNK_TOKENS: usize = 16;
 
 /// The codes generated for one chunk, in the order written.
-type ChunkCodes = Vec<(String, CodeKind)>;
+type ChunkCodes = Vec<ScoredCode>;
 
 /// A piece of a note coded on its own: its text and where it starts in the note (characters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +168,7 @@ impl LlmEngine {
                         notes[n].0
                     ))),
                     Ok(_) if cancelled() => Err(CodingError::Cancelled(notes[n].0.to_string())),
-                    Ok(generations) => Ok(self.parse(&generations[i].text)),
+                    Ok(generations) => Ok(self.scored(&generations[i])),
                 };
                 if let Ok(per_chunk) = &mut results[n] {
                     match answer {
@@ -178,9 +187,9 @@ impl LlmEngine {
             .collect()
     }
 
-    /// The codes of each chunk merged in chunk order, each ranked where it first appeared,
-    /// with the note's sentence that shares the most words with the code's description as
-    /// evidence (the model writes codes only).
+    /// The codes of each chunk merged in chunk order, each ranked where it first appeared, with
+    /// the highest confidence a chunk gave it and, as evidence, the note's sentence that shares
+    /// the most words with the code's description (the model writes codes only).
     fn prediction(
         &self,
         id: &str,
@@ -210,12 +219,18 @@ impl LlmEngine {
         let analyzer = Analyzer::default();
         let words = analyzer.stemmed_words(text);
         let sentences = NoteSentences::new(text, &words);
-        for (code, kind) in per_chunk.into_iter().flatten() {
+        for scored in per_chunk.into_iter().flatten() {
+            let ScoredCode {
+                code,
+                kind,
+                confidence,
+            } = scored;
             let list = match kind {
                 CodeKind::Diagnosis => &mut prediction.diagnoses,
                 CodeKind::Procedure => &mut prediction.procedures,
             };
-            if list.iter().any(|c: &CodedItem| c.code == code) {
+            if let Some(seen) = list.iter_mut().find(|c| c.code == code) {
+                seen.confidence = seen.confidence.max(confidence);
                 continue;
             }
             let described = describe(&code, kind);
@@ -228,7 +243,7 @@ impl LlmEngine {
             };
             list.push(CodedItem {
                 rank: list.len() + 1,
-                confidence: 1.0,
+                confidence,
                 assigned: true,
                 description: described.as_ref().map(|(d, _)| d.clone()),
                 billable: described.map(|(_, b)| b),
@@ -323,7 +338,6 @@ impl LlmEngine {
         Ok(chunks)
     }
 
-    /// The codes the model writes for one prompt's worth of note, in order.
     /// A chunk's generation request (greedy, the model's stop tokens) and its constrained
     /// decoding.
     fn request(
@@ -362,20 +376,25 @@ impl LlmEngine {
         Ok((request, processor))
     }
 
-    /// The codes of a generation; one cut by the token limit may end inside a code: the whole
-    /// ones are kept.
-    fn parse(&self, text: &str) -> Vec<(String, CodeKind)> {
-        self.grammar
-            .parse(text)
-            .unwrap_or_else(|| self.grammar.parse_prefix(text))
+    /// The codes of a generation with their confidences, read from its tokens' texts as the
+    /// constrained decoder read them; one cut by the token limit may end inside a code: the
+    /// whole ones are kept.
+    fn scored(&self, generation: &Generation) -> ChunkCodes {
+        scored_codes(
+            &self.grammar,
+            &self.token_texts,
+            &self.model.stop_token_ids,
+            generation,
+        )
     }
 
+    /// The codes the model writes for one prompt's worth of note, in order.
     fn generate_codes(
         &self,
         id: &str,
         note: &str,
         cancelled: &(dyn Fn() -> bool + Sync),
-    ) -> Result<Vec<(String, CodeKind)>, CodingError> {
+    ) -> Result<ChunkCodes, CodingError> {
         if cancelled() {
             return Err(CodingError::Cancelled(id.to_string()));
         }
@@ -386,7 +405,7 @@ impl LlmEngine {
         if cancelled() {
             return Err(CodingError::Cancelled(id.to_string()));
         }
-        Ok(self.parse(&generation.text))
+        Ok(self.scored(&generation))
     }
 }
 
@@ -500,11 +519,35 @@ mod tests {
         );
         let together = engine.predict_batch(&notes, &no_description, 3, &|| false);
         assert_eq!(together.len(), notes.len());
+        // Confidences within rounding: a batch's shape may change the order of the matmuls'
+        // sums.
+        let same = |a: &[CodedItem], b: &[CodedItem]| {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| {
+                    let close = (x.confidence - y.confidence).abs() < 1e-4;
+                    close
+                        && CodedItem {
+                            confidence: 0.0,
+                            ..x.clone()
+                        } == CodedItem {
+                            confidence: 0.0,
+                            ..y.clone()
+                        }
+                })
+        };
         for (one, batched) in alone.iter().zip(together) {
             let batched = batched.unwrap();
             assert_eq!(batched.id, one.id);
-            assert_eq!(batched.diagnoses, one.diagnoses, "note {}", one.id);
-            assert_eq!(batched.procedures, one.procedures, "note {}", one.id);
+            assert!(
+                same(&batched.diagnoses, &one.diagnoses),
+                "note {}: {batched:?} vs {one:?}",
+                one.id
+            );
+            assert!(
+                same(&batched.procedures, &one.procedures),
+                "note {}: {batched:?} vs {one:?}",
+                one.id
+            );
         }
         let cancelled = engine.predict_batch(&notes, &no_description, 3, &|| true);
         assert!(cancelled
@@ -592,12 +635,19 @@ mod tests {
             assert!(CODES.iter().any(|(c, _)| *c == item.code), "{}", item.code);
         }
         let mut expected: Vec<String> = Vec::new();
+        let mut best = std::collections::HashMap::new();
         for chunk in &chunks {
-            for (code, _) in engine.generate_codes("n", &chunk.text, &|| false).unwrap() {
-                if !expected.contains(&code) {
-                    expected.push(code);
+            for scored in engine.generate_codes("n", &chunk.text, &|| false).unwrap() {
+                let confidence = best.entry(scored.code.clone()).or_insert(0.0f32);
+                *confidence = confidence.max(scored.confidence);
+                if !expected.contains(&scored.code) {
+                    expected.push(scored.code);
                 }
             }
+        }
+        // Each code with the highest confidence any chunk gave it.
+        for item in p.diagnoses.iter().chain(&p.procedures) {
+            assert_eq!(item.confidence, best[&item.code], "{}", item.code);
         }
         let coded: Vec<String> = p
             .diagnoses
@@ -616,6 +666,96 @@ mod tests {
         };
         let error = tight.chunks("n", &note).unwrap_err().to_string();
         assert!(error.contains("no room"), "{error}");
+    }
+
+    /// The codes of an answer's text, as the engine read them before it read them from tokens.
+    fn parse_text(grammar: &AnswerGrammar, text: &str) -> Vec<(String, CodeKind)> {
+        grammar
+            .parse(text)
+            .unwrap_or_else(|| grammar.parse_prefix(text))
+    }
+
+    /// On a real model the codes get the probability it gave them: in (0, 1], not all 1 (the
+    /// placeholder this replaced), and the codes read from the tokens are those of the text.
+    /// Needs the asset (`medcoder assets fetch smollm2-135m-instruct`); says so when it skips.
+    #[test]
+    fn codes_of_a_real_model_get_its_probabilities() {
+        let alias = "smollm2-135m-instruct";
+        let home = medcoder_assets::MedcoderHome::from_env().unwrap();
+        let reference: medcoder_assets::ModelRef = alias.parse().unwrap();
+        let resolved = match reference.resolve(&home) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                eprintln!(
+                    "skipping: {alias} is not installed ({e}); run `medcoder assets fetch {alias}`"
+                );
+                return;
+            }
+        };
+        let loaded =
+            medcoder_models::load_model(&resolved, &candle_core::Device::Cpu, None).unwrap();
+        let allowed: Vec<(String, CodeKind)> = [
+            "E11.9", "E11.65", "I10", "I21.9", "J18.9", "J44.1", "N39.0", "R50.9", "R05.9",
+            "S72.001A", "0SR9019",
+        ]
+        .iter()
+        .map(|c| {
+            (
+                c.to_string(),
+                if c.len() == 7 && !c.contains('.') {
+                    CodeKind::Procedure
+                } else {
+                    CodeKind::Diagnosis
+                },
+            )
+        })
+        .collect();
+        let engine = LlmEngine::new(
+            loaded,
+            PromptTemplate::default(),
+            &allowed,
+            512,
+            alias.into(),
+        )
+        .unwrap();
+        // The untrained model loops on one code: a few codes' worth of tokens say enough.
+        let engine = LlmEngine {
+            max_new_tokens: 40,
+            ..engine
+        };
+        let notes = [
+            "Patient with type 2 diabetes mellitus and essential hypertension.",
+            "Fever and productive cough; chest x-ray shows right lower lobe pneumonia.",
+        ];
+        let mut confidences = Vec::new();
+        for note in notes {
+            let (request, processor) = engine.request("n", note).unwrap();
+            let generation =
+                medcoder_infer::generate(&engine.model, request, vec![processor], |_| true)
+                    .unwrap();
+            let scored = engine.scored(&generation);
+            let mut from_text: Vec<String> = Vec::new();
+            for (code, _) in parse_text(&engine.grammar, &generation.text) {
+                if !from_text.contains(&code) {
+                    from_text.push(code);
+                }
+            }
+            let from_tokens: Vec<String> = scored.iter().map(|s| s.code.clone()).collect();
+            assert_eq!(from_tokens, from_text, "{note}: {:?}", generation.text);
+            for s in &scored {
+                assert!(s.confidence > 0.0 && s.confidence <= 1.0, "{s:?}");
+                confidences.push(s.confidence);
+            }
+            eprintln!("{note:?} → {:?}: {scored:?}", generation.text);
+        }
+        let p = engine.predict("n", notes[0], &|_, _| None).unwrap();
+        assert!(p
+            .diagnoses
+            .iter()
+            .chain(&p.procedures)
+            .all(|item| item.confidence > 0.0 && item.confidence <= 1.0));
+        assert!(!confidences.is_empty(), "the model wrote no code");
+        assert!(confidences.iter().any(|c| *c < 1.0), "{confidences:?}");
     }
 
     #[test]

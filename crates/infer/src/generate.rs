@@ -34,6 +34,11 @@ pub struct Generation {
     pub text: String,
     /// Generated ids, the stop token included.
     pub token_ids: Vec<u32>,
+    /// Each generated token's log-probability under the distribution it was picked from,
+    /// one per `token_ids` entry: the log-softmax of the logits after penalties and logits
+    /// processors (a constrained decoder's mask included), at the sampling temperature, or at
+    /// temperature 1 for greedy decoding (see [`Sampler::sample_with_log_prob`]).
+    pub token_logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     pub prefill_seconds: f64,
@@ -60,6 +65,7 @@ pub(crate) struct Sequence {
     decoder: IncrementalDecoder,
     history: Vec<u32>,
     generated: Vec<u32>,
+    log_probs: Vec<f32>,
     prompt_tokens: usize,
 }
 
@@ -80,6 +86,7 @@ impl Sequence {
             decoder: IncrementalDecoder::with_context(context),
             history: request.prompt_ids,
             generated: Vec::new(),
+            log_probs: Vec::new(),
             prompt_tokens,
         })
     }
@@ -91,9 +98,10 @@ impl Sequence {
         model: &LoadedModel,
         logits: &mut [f32],
     ) -> Result<(u32, String, bool)> {
-        let id = self.sampler.sample(logits, &self.history)?;
+        let (id, log_prob) = self.sampler.sample_with_log_prob(logits, &self.history)?;
         self.history.push(id);
         self.generated.push(id);
+        self.log_probs.push(log_prob);
         let piece = if self.checker.is_stop_token(id) {
             String::new()
         } else {
@@ -109,6 +117,7 @@ impl Sequence {
         Generation {
             text: self.checker.into_text(),
             token_ids: self.generated,
+            token_logprobs: self.log_probs,
             finish_reason,
             prompt_tokens: self.prompt_tokens,
             prefill_seconds,

@@ -75,8 +75,9 @@ pub(crate) fn max_finite(logits: &[f32]) -> Option<f32> {
     (max > f32::NEG_INFINITY).then_some(max)
 }
 
-/// `sum(exp(l - max))` over the finite logits `l`, all at most `max`, in f64.
-pub(crate) fn sum_exp_below(logits: &[f32], max: f32) -> f64 {
+/// `sum(exp((l - max) * scale))` over the finite logits `l`, all at most `max`, in f64; `scale`
+/// (> 0) is 1 / temperature.
+pub(crate) fn sum_exp_below(logits: &[f32], max: f32, scale: f32) -> f64 {
     // Exponentials go through a small buffer: the loop that fills it vectorises, one that
     // also accumulates does not.
     let mut buffer = [0.0f32; 256];
@@ -85,7 +86,7 @@ pub(crate) fn sum_exp_below(logits: &[f32], max: f32) -> f64 {
         let terms = &mut buffer[..block.len()];
         for (term, &logit) in terms.iter_mut().zip(block) {
             let x = if logit.is_finite() {
-                logit - max
+                (logit - max) * scale
             } else {
                 f32::NEG_INFINITY
             };
@@ -279,9 +280,15 @@ mod tests {
     fn sum_exp_below_matches_a_plain_sum() {
         let logits: Vec<f32> = (0..1000).map(|i| (i % 17) as f32 - 20.0).collect();
         let plain: f64 = logits.iter().map(|&l| f64::from(l + 4.0).exp()).sum();
-        let fast = sum_exp_below(&logits, -4.0);
+        let fast = sum_exp_below(&logits, -4.0, 1.0);
         assert!((fast - plain).abs() / plain < 1e-6, "{fast} vs {plain}");
-        assert_eq!(sum_exp_below(&[NEG_INF, f32::NAN], 0.0), 0.0);
+        assert_eq!(sum_exp_below(&[NEG_INF, f32::NAN], 0.0, 1.0), 0.0);
+        let cooled: f64 = logits
+            .iter()
+            .map(|&l| f64::from((l + 4.0) * 2.0).exp())
+            .sum();
+        let fast = sum_exp_below(&logits, -4.0, 2.0);
+        assert!((fast - cooled).abs() / cooled < 1e-6, "{fast} vs {cooled}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::kernels::{
     argmax, collect_top_k, exp_nonpositive, find_cumulative, nucleus_len, sum_f64, Candidate,
     MIN_EXP_ARG,
 };
+use crate::logprobs::scaled_log_prob;
 use crate::params::SamplingParams;
 use crate::processors::{LogitsProcessor, LogitsProcessorList};
 
@@ -114,6 +115,29 @@ impl Sampler {
         }
         let pool = self.filter(logits, max, inv_temperature);
         self.draw(pool)
+    }
+
+    /// [`Sampler::sample`], with the picked token's log-probability under the distribution it
+    /// was picked from: the log-softmax of the logits after penalties and processors (a
+    /// constrained decoder's mask included), divided by the temperature. Top-k, top-p and
+    /// min-p are left out (they only cut the tail, and would make the value depend on them);
+    /// greedy picking is read at temperature 1, since its own distribution (all mass on the
+    /// argmax) would say 0 for every token. Costs one log-sum-exp over the vocabulary.
+    pub fn sample_with_log_prob(
+        &mut self,
+        logits: &mut [f32],
+        history: &[u32],
+    ) -> Result<(u32, f32)> {
+        let id = self.sample(logits, history)?;
+        let inv_temperature = 1.0 / self.params.temperature;
+        let scale = if self.params.is_greedy() || !inv_temperature.is_finite() {
+            1.0
+        } else {
+            inv_temperature
+        };
+        // A picked token has a finite logit, so there is always a value.
+        let log_prob = scaled_log_prob(logits, id, scale).unwrap_or(f32::NEG_INFINITY);
+        Ok((id, log_prob))
     }
 
     fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) {
@@ -592,6 +616,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_token_that_is_the_only_one_allowed_has_log_prob_0() {
+        for temperature in [0.0, 0.7, 1.0] {
+            let only_2 = BanTokens::new([0, 1, 3]);
+            let mut sampler = sampler(params(temperature)).with_processor(only_2);
+            let (id, log_prob) = sampler
+                .sample_with_log_prob(&mut [4.0, 9.0, -3.0, 1.0], &[])
+                .unwrap();
+            assert_eq!((id, log_prob), (2, 0.0), "temperature {temperature}");
+        }
+    }
+
+    #[test]
+    fn the_log_prob_is_of_the_processed_logits_at_the_temperature() {
+        // Token 0 is banned: the rest share the mass as softmax([1, 0, 0] / t).
+        let logits = [5.0, 1.0, 0.0, 0.0];
+        for temperature in [0.5f32, 1.0, 2.0] {
+            let mut sampler = sampler(params(temperature)).with_processor(BanTokens::new([0]));
+            for _ in 0..20 {
+                let (id, log_prob) = sampler
+                    .sample_with_log_prob(&mut logits.to_vec(), &[])
+                    .unwrap();
+                let weights = [1.0f32, 0.0, 0.0].map(|l| (l / temperature).exp());
+                let expected = (weights[id as usize - 1] / weights.iter().sum::<f32>()).ln();
+                assert!((log_prob - expected).abs() < 1e-5, "{temperature} {id}");
+            }
+        }
+        // Greedy reads the processed logits at temperature 1.
+        let mut greedy = sampler(SamplingParams::greedy()).with_processor(BanTokens::new([0]));
+        let (id, log_prob) = greedy
+            .sample_with_log_prob(&mut logits.to_vec(), &[])
+            .unwrap();
+        let expected = (1.0f32.exp() / (1.0f32.exp() + 2.0)).ln();
+        assert_eq!(id, 1);
+        assert!(
+            (log_prob - expected).abs() < 1e-6,
+            "{log_prob} vs {expected}"
+        );
+    }
+
     fn any_params() -> impl Strategy<Value = SamplingParams> {
         (
             prop_oneof![Just(0.0f32), 0.05f32..3.0],
@@ -665,6 +729,25 @@ mod tests {
             let best = logits.iter().copied().fold(NEG_INF, f32::max);
             prop_assert_eq!(logits[id as usize], best);
             prop_assert!(logits[..id as usize].iter().all(|&l| l < best));
+        }
+
+        #[test]
+        fn the_picked_token_has_a_log_prob_at_most_0_and_greedy_the_largest(
+            params in any_params(),
+            logits in prop::collection::vec(-30.0f32..30.0, 1..300),
+            history in prop::collection::vec(0u32..300, 0..40),
+        ) {
+            let greedy = params.is_greedy();
+            let mut processed = logits.clone();
+            let mut sampler = Sampler::new(params, history.len() / 2).unwrap();
+            let (id, log_prob) = sampler.sample_with_log_prob(&mut processed, &history).unwrap();
+            prop_assert!(log_prob <= 0.0 && log_prob.is_finite(), "{}", log_prob);
+            if greedy {
+                for other in 0..processed.len() as u32 {
+                    let theirs = crate::log_prob_of(&processed, other).unwrap();
+                    prop_assert!(theirs <= log_prob, "{} beats the pick {}", other, id);
+                }
+            }
         }
     }
 }

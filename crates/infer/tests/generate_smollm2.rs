@@ -10,9 +10,9 @@ mod support;
 use std::sync::Arc;
 
 use medcoder_infer::{
-    generate, generate_batch, stream_into, ContinuousBatch, FallbackToEos, FinishReason,
-    GenerateRequest, Joined, JsonSchema, JsonSchemaProcessor, LogitsProcessor, SamplingParams,
-    StopConditions, TokenTrie,
+    generate, generate_batch, log_softmax_top, stream_into, ContinuousBatch, FallbackToEos,
+    FinishReason, GenerateRequest, Joined, JsonSchema, JsonSchemaProcessor, LogitsProcessor,
+    SamplingParams, StopConditions, TokenTrie,
 };
 use medcoder_models::LoadedModel;
 use support::installed_model;
@@ -51,6 +51,60 @@ fn greedy_generation_streams_what_llama_cpp_says() {
     assert_eq!(streamed, generation.text);
     assert_eq!(generation.finish_reason, FinishReason::Length);
     assert_eq!(generation.token_ids.len(), 3);
+}
+
+/// Every generated token comes with the log-probability it was picked with: one per token, at
+/// most 0, greedy's pick the most likely token of its step, the same in a batch, and 0 where a
+/// processor leaves a single token.
+#[test]
+fn each_token_has_the_log_probability_it_was_picked_with() {
+    let Some(model) = smollm2() else { return };
+    let prompt = "The capital of France is";
+    let alone = generate(&model, request(&model, prompt, 6), Vec::new(), |_| true).unwrap();
+    assert_eq!(alone.token_logprobs.len(), alone.token_ids.len());
+    assert!(
+        alone
+            .token_logprobs
+            .iter()
+            .all(|l| *l <= 0.0 && l.is_finite()),
+        "{:?}",
+        alone.token_logprobs
+    );
+    let prompt_ids = model.tokenizer.tokenize(prompt, true, true).unwrap();
+    let mut cache = model.lm.new_cache();
+    let logits = model.lm.next_token_logits(&prompt_ids, &mut cache).unwrap();
+    let (top_id, top_log_prob) = log_softmax_top(&logits.to_vec1::<f32>().unwrap(), 1)[0];
+    assert_eq!(top_id, alone.token_ids[0]);
+    assert!((top_log_prob - alone.token_logprobs[0]).abs() < 1e-5);
+
+    let batch = generate_batch(
+        &model,
+        vec![
+            request(&model, "def fibonacci(n):", 6),
+            request(&model, prompt, 6),
+        ],
+    )
+    .unwrap();
+    // Close, not equal: activations are quantized to 8 bits per block, and a batch's shape
+    // changes the order of the kernels' sums, which can tip a rounding; the same prompt twice
+    // in one batch differs by up to ~0.07 here.
+    assert_eq!(batch[1].token_ids, alone.token_ids);
+    for (batched, one) in batch[1].token_logprobs.iter().zip(&alone.token_logprobs) {
+        assert!((batched - one).abs() < 0.15, "{batched} vs {one}");
+    }
+
+    let forced_id = 42;
+    let only_one = move |_: &[u32], logits: &mut [f32]| {
+        for (id, logit) in logits.iter_mut().enumerate() {
+            if id != forced_id {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    };
+    let processors: Vec<Box<dyn LogitsProcessor>> = vec![Box::new(only_one)];
+    let forced = generate(&model, request(&model, prompt, 3), processors, |_| true).unwrap();
+    assert_eq!(forced.token_ids, [forced_id as u32; 3]);
+    assert_eq!(forced.token_logprobs, [0.0; 3]);
 }
 
 #[test]
@@ -175,6 +229,7 @@ fn sequences_joining_and_leaving_a_running_batch_get_what_they_get_alone() {
     let mut results: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
     let mut record = |finished: Vec<(usize, medcoder_infer::Generation)>| {
         for (i, generation) in finished {
+            assert_eq!(generation.token_logprobs.len(), generation.token_ids.len());
             results[i] = Some(generation.token_ids);
         }
     };
