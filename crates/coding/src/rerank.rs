@@ -43,7 +43,7 @@ pub(crate) struct MentionVote {
     pub best: f32,
 }
 
-const FEATURES: usize = 25;
+pub(crate) const FEATURES: usize = 25;
 
 fn features(s: &Signals) -> [f32; FEATURES] {
     let inv = |r: usize| if r == 0 { 0.0 } else { 1.0 / r as f32 };
@@ -137,6 +137,19 @@ impl Reranker {
         })
     }
 
+    /// How many features the reranker was fitted on.
+    pub fn features(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// Whether it was fitted on the features this build computes (a cache of an older build
+    /// may hold fewer).
+    pub fn fits_this_build(&self) -> bool {
+        [&self.weights, &self.mean, &self.scale]
+            .iter()
+            .all(|v| v.len() == FEATURES)
+    }
+
     pub fn probability(&self, s: &Signals) -> f32 {
         let x = features(s);
         let z = self.bias
@@ -176,5 +189,9 @@ mod tests {
         let (good, bad) = (examples[0].0, examples[1].0);
         assert!(model.probability(&good) > 0.9 && model.probability(&bad) < 0.1);
         assert!(Reranker::fit(&examples[..1]).is_none());
+        assert!(model.fits_this_build());
+        let mut older = model.clone();
+        older.weights.pop();
+        assert!(!older.fits_this_build());
     }
 }

@@ -162,7 +162,7 @@ pub struct RetrievalIndex {
 
 /// Bumped whenever what the index holds or how it scores changes, so that caches of an older
 /// build are refitted rather than misread.
-const INDEX_FORMAT: u32 = 7;
+const INDEX_FORMAT: u32 = 8;
 
 /// Codes in a ranking (the tail filled with frequent codes).
 const RANKING_LENGTH: usize = 50;
@@ -360,6 +360,18 @@ impl RetrievalIndex {
     /// Read back from JSON (what [`Self::derive_tables`] builds is rebuilt).
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         let mut index: Self = serde_json::from_str(text)?;
+        if let Some(r) = index
+            .rerankers
+            .iter()
+            .flatten()
+            .find(|r| !r.fits_this_build())
+        {
+            return Err(serde::de::Error::custom(format!(
+                "its reranker weighs {} features, this build computes {}: refit",
+                r.features(),
+                crate::rerank::FEATURES
+            )));
+        }
         index.derive_tables();
         if let Some(semantic) = &mut index.semantic {
             semantic.derive_tables();
