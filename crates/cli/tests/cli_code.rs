@@ -113,8 +113,9 @@ fn with_the_code_set_codes_carry_descriptions_and_evidence() {
     assert!(quoted.contains("diabetes"), "{quoted}");
     assert_eq!(top["assertion"], "present");
     // The code sets' editions are named in the prediction; the minilm-l6 asset, when
-    // installed, adds the sentence-embedding signals (`--embedder auto`), `none` leaves them
-    // out, and `--format codiesp` needs a folder.
+    // installed, adds the semantic signals from its distilled token vectors (`--embedder
+    // auto`), or from its encoder when named, `none` leaves them out, and `--format codiesp`
+    // needs a folder.
     assert!(
         p["code_sets"].as_str().unwrap().contains("ICD-10-CM"),
         "{p}"
@@ -124,7 +125,27 @@ fn with_the_code_set_codes_carry_descriptions_and_evidence() {
         .join("model.safetensors")
         .is_file();
     let model = p["model"].as_str().unwrap();
-    assert_eq!(model.contains("sentence embeddings"), embedded, "{model}");
+    assert_eq!(
+        model.contains("static token embeddings"),
+        embedded,
+        "{model}"
+    );
+    if embedded {
+        // Naming the asset runs its encoder over every token instead.
+        let contextual = code_note(
+            home.root(),
+            &db,
+            &["--format", "json", "--embedder", "minilm-l6"],
+            note,
+        );
+        let contextual: Value = serde_json::from_str(&contextual.stdout).unwrap();
+        let model = contextual["model"].as_str().unwrap();
+        assert!(
+            model.contains("sentence embeddings") && !model.contains("static"),
+            "{model}"
+        );
+        assert_eq!(contextual["diagnoses"][0]["code"], "E11.9");
+    }
     let plain = code_note(
         home.root(),
         &db,
@@ -132,10 +153,7 @@ fn with_the_code_set_codes_carry_descriptions_and_evidence() {
         note,
     );
     let plain: Value = serde_json::from_str(&plain.stdout).unwrap();
-    assert!(!plain["model"]
-        .as_str()
-        .unwrap()
-        .contains("sentence embeddings"));
+    assert!(!plain["model"].as_str().unwrap().contains("embeddings"));
     assert_eq!(plain["diagnoses"][0]["code"], "E11.9");
     let run = code_note(home.root(), &db, &["--format", "codiesp"], note);
     assert_eq!(run.code, Some(2), "{}", run.stderr);

@@ -14,6 +14,7 @@ use medcoder_models::{DeviceSpec, SentenceEmbedder};
 use medcoder_store::{Split, Store};
 use medcoder_train::PromptTemplate;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::guidelines::guideline_warnings;
 use crate::lexical::Lexicon;
@@ -114,9 +115,10 @@ pub struct EngineConfig {
     pub max_prompt_tokens: usize,
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,
-    /// retrieval: the sentence embedder for its semantic signals: `auto` (the `minilm-l6`
-    /// asset when installed, else none, saying so), `none`, an asset id or a
-    /// sentence-transformers folder.
+    /// retrieval: the embedder of its semantic signals: `auto` (static token vectors distilled
+    /// from the `minilm-l6` asset when installed, else none, saying so), `none`, an asset id
+    /// or a sentence-transformers folder (its encoder run over every token), either with a
+    /// `:static` suffix to distill it.
     pub embedder: String,
     /// openai: the endpoint, model, API key variable, timeout and retries.
     pub openai: OpenaiConfig,
@@ -487,10 +489,10 @@ fn retrieval_index(
         "{}.retrieval.{dataset}.{}{}.json",
         db.file_stem().and_then(|s| s.to_str()).unwrap_or("db"),
         names.join("+"),
-        if aids.embedder.is_some() {
-            ".embedded"
-        } else {
-            ""
+        match aids.embedder {
+            Some((embedder, _)) if embedder.is_static() => ".static-embedded",
+            Some(_) => ".embedded",
+            None => "",
         }
     ));
     let fingerprint = RetrievalIndex::fingerprint_of(&notes, &aids);
@@ -527,8 +529,17 @@ fn sentence_embedder(
     home: &MedcoderHome,
 ) -> Result<Option<SentenceEmbedder>, CodingError> {
     const DEFAULT: &str = "minilm-l6";
+    let (choice, distilled) = match choice.strip_suffix(":static") {
+        Some(name) => (name, true),
+        None => (choice, false),
+    };
     let dir = match choice {
         "none" => return Ok(None),
+        "auto" if distilled => {
+            return Err(CodingError::Invalid(
+                "embedder `auto:static`: `auto` is already static; name the asset instead (`minilm-l6:static`)".into(),
+            ))
+        }
         "auto" => {
             let dir = home.asset_dir(DEFAULT);
             if !dir.join("model.safetensors").is_file() {
@@ -538,7 +549,8 @@ fn sentence_embedder(
                 );
                 return Ok(None);
             }
-            dir
+            // The fast default: the asset's encoder distilled into static token vectors.
+            return sentence_embedder(&format!("{DEFAULT}:static"), home);
         }
         other if medcoder_assets::asset_spec(other).is_some() => home.asset_dir(other),
         path => PathBuf::from(path),
@@ -550,9 +562,36 @@ fn sentence_embedder(
             dir.display()
         )));
     }
-    SentenceEmbedder::load(&dir, &candle_core::Device::Cpu)
-        .map(Some)
-        .map_err(|e| CodingError::Invalid(format!("embedder `{choice}`: {e}")))
+    let embedder_error =
+        |e: medcoder_models::ModelError| CodingError::Invalid(format!("embedder `{choice}`: {e}"));
+    let embedder =
+        SentenceEmbedder::load(&dir, &candle_core::Device::Cpu).map_err(embedder_error)?;
+    if !distilled {
+        return Ok(Some(embedder));
+    }
+    // Distilled once per checkpoint (its folder, size and time) and recipe, kept in
+    // medcoder's cache.
+    let weights = fs_err::metadata(dir.join("model.safetensors"))?;
+    let modified = weights
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let key = hex::encode(Sha256::digest(
+        format!(
+            "{}\n{}\n{modified}\n{}",
+            dir.display(),
+            weights.len(),
+            SentenceEmbedder::STATIC_RECIPE
+        )
+        .as_bytes(),
+    ));
+    let cache = home
+        .cache_dir()
+        .join("static-embeddings")
+        .join(format!("{}.safetensors", &key[..16]));
+    tracing::info!(cache = %cache.display(), "static token vectors of {}", dir.display());
+    embedder.distilled(&cache).map(Some).map_err(embedder_error)
 }
 
 fn llm_engine(

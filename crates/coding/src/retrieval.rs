@@ -775,7 +775,14 @@ impl RetrievalIndex {
                 },
                 match (&self.semantic, &semantic) {
                     (Some(index), Some(_)) => format!(", {}", index.embedder),
-                    (Some(_), None) => ", sentence embeddings fitted but no embedder at hand: unused".into(),
+                    (Some(index), None) if c.reranked.iter().all(|r| !r) => format!(
+                        ", {} fitted, unused: leave-one-out kept no reranker",
+                        index.embedder
+                    ),
+                    (Some(index), None) => format!(
+                        ", {} fitted but no embedder at hand: unused",
+                        index.embedder
+                    ),
                     _ => String::new(),
                 },
                 self.fitted_on

@@ -22,6 +22,7 @@ impl std::fmt::Debug for SentenceEmbedder {
             .field("source", &self.source)
             .field("dimension", &self.dimension())
             .field("max_tokens", &self.max_tokens)
+            .field("static", &self.is_static())
             .finish_non_exhaustive()
     }
 }
@@ -34,7 +35,16 @@ pub struct SentenceEmbedder {
     /// Tokens per window, `[CLS]` and `[SEP]` included.
     max_tokens: usize,
     source: PathBuf,
+    /// When distilled ([`Self::distilled`]): one vector per vocabulary id, `dimension` wide,
+    /// and texts are embedded as the normalised sum of their tokens' vectors.
+    token_vectors: Option<Vec<f32>>,
 }
+
+/// Tensor name of the distilled token vectors in their cache file.
+const TOKEN_VECTORS: &str = "token_vectors";
+/// Single-token sequences encoded together when distilling.
+const DISTILL_BATCH: usize = 512;
+const STATIC_ZIPF_POWER: f32 = 2.0;
 
 #[derive(Deserialize)]
 struct SentenceBertConfig {
@@ -42,6 +52,9 @@ struct SentenceBertConfig {
 }
 
 impl SentenceEmbedder {
+    /// How [`Self::distilled`] makes its token vectors; part of their cache key.
+    pub const STATIC_RECIPE: &'static str = "single-token mean pool, centred, zipf^2 weights";
+
     /// A sentence-transformers folder: `config.json`, `model.safetensors`, `tokenizer.json`
     /// (and `sentence_bert_config.json` for the window length, 256 tokens without it).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
@@ -95,7 +108,127 @@ impl SentenceEmbedder {
             tokenizer,
             max_tokens,
             source: dir.to_path_buf(),
+            token_vectors: None,
         })
+    }
+
+    /// The same embedder made static: every vocabulary token is embedded alone
+    /// (`[CLS] token [SEP]`, mean-pooled, normalised), the vectors' common direction (their
+    /// mean) is taken out, and special and punctuation tokens get none; a text is then the
+    /// normalised sum of its tokens' vectors, a few microseconds instead of a pass of the
+    /// encoder over every token. The vectors are computed once and kept in `cache` (a
+    /// safetensors file, written atomically).
+    pub fn distilled(mut self, cache: &Path) -> Result<Self, ModelError> {
+        let dim = self.dimension();
+        let vocab = self.tokenizer.get_vocab_size(true);
+        let cached = cache
+            .is_file()
+            .then(|| candle_core::safetensors::load(cache, &Device::Cpu).ok())
+            .flatten()
+            .and_then(|mut t| t.remove(TOKEN_VECTORS))
+            .filter(|t| t.dims() == [vocab, dim]);
+        let vectors = match cached {
+            Some(t) => t
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .ctx(|| format!("reading {}", cache.display()))?,
+            None => {
+                let vectors = self.distill(vocab)?;
+                let parent = cache.parent().unwrap_or(Path::new("."));
+                fs_err::create_dir_all(parent)?;
+                // Unique per writer: two processes distilling at once do not mix their bytes.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let partial =
+                    cache.with_extension(format!("partial.{}.{nanos}", std::process::id()));
+                Tensor::from_slice(&vectors, (vocab, dim), &Device::Cpu)
+                    .and_then(|t| {
+                        candle_core::safetensors::save(
+                            &std::collections::HashMap::from([(TOKEN_VECTORS, t)]),
+                            &partial,
+                        )
+                    })
+                    .ctx(|| format!("writing {}", partial.display()))?;
+                fs_err::rename(&partial, cache)?;
+                vectors
+            }
+        };
+        self.token_vectors = Some(vectors);
+        Ok(self)
+    }
+
+    /// Whether texts are embedded from distilled token vectors.
+    pub fn is_static(&self) -> bool {
+        self.token_vectors.is_some()
+    }
+
+    fn distill(&self, vocab: usize) -> Result<Vec<f32>, ModelError> {
+        let dim = self.dimension();
+        let ids: Vec<u32> = (0..vocab as u32).collect();
+        let mut vectors = vec![0f32; vocab * dim];
+        for chunk in ids.chunks(DISTILL_BATCH) {
+            let sequences: Vec<[u32; 3]> =
+                chunk.iter().map(|&id| [self.cls, id, self.sep]).collect();
+            let pooled = self.encode(sequences.iter().map(|s| &s[..]))?;
+            for (&id, mut row) in chunk.iter().zip(pooled) {
+                normalize(&mut row);
+                vectors[id as usize * dim..(id as usize + 1) * dim].copy_from_slice(&row);
+            }
+        }
+        let kept: Vec<bool> = ids
+            .iter()
+            .map(|&id| {
+                self.tokenizer.id_to_token(id).is_some_and(|token| {
+                    let word = token.trim_start_matches("##");
+                    !(token.starts_with('[') && token.ends_with(']'))
+                        && word.chars().any(char::is_alphanumeric)
+                })
+            })
+            .collect();
+        let count = kept.iter().filter(|k| **k).count().max(1) as f32;
+        let mut mean = vec![0f32; dim];
+        for (row, _) in vectors.chunks(dim).zip(&kept).filter(|(_, k)| **k) {
+            mean.iter_mut().zip(row).for_each(|(m, x)| *m += x / count);
+        }
+        // BERT vocabularies list their whole words by falling frequency after the single
+        // characters (`the` first): a token weighs the log of its rank there (Zipf), so that
+        // frequent words count for little in a text's sum.
+        let first_word = self.tokenizer.token_to_id("the").unwrap_or(0) as f32;
+        for (id, (row, keep)) in vectors.chunks_mut(dim).zip(&kept).enumerate() {
+            if *keep {
+                let weight = (1.0 + (id as f32 - first_word).max(1.0))
+                    .ln()
+                    .powf(STATIC_ZIPF_POWER);
+                row.iter_mut()
+                    .zip(&mean)
+                    .for_each(|(x, m)| *x = (*x - m) * weight);
+            } else {
+                row.fill(0.0);
+            }
+        }
+        Ok(vectors)
+    }
+
+    fn embed_static(&self, vectors: &[f32], texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let dim = self.dimension();
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .iter()
+            .map(|encoding| {
+                let mut sum = vec![0f32; dim];
+                for &id in encoding.get_ids() {
+                    if let Some(row) = vectors.get(id as usize * dim..(id as usize + 1) * dim) {
+                        sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                    }
+                }
+                normalize(&mut sum);
+                sum
+            })
+            .collect())
     }
 
     /// Embedding width (384 for MiniLM-L6).
@@ -109,6 +242,9 @@ impl SentenceEmbedder {
 
     /// One L2-normalised embedding per text, in order (an empty text gets `[CLS] [SEP]`'s).
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if let Some(vectors) = &self.token_vectors {
+            return self.embed_static(vectors, texts);
+        }
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), false)
@@ -146,12 +282,7 @@ impl SentenceEmbedder {
                 }
             }
         }
-        for v in &mut sums {
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                v.iter_mut().for_each(|x| *x /= norm);
-            }
-        }
+        sums.iter_mut().for_each(|v| normalize(v));
         Ok(sums)
     }
 
@@ -179,6 +310,13 @@ impl SentenceEmbedder {
             mean_pool(&states, &mask)?.to_vec2::<f32>()
         };
         run().ctx(|| format!("embedding with {}", self.source.display()))
+    }
+}
+
+fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
     }
 }
 
@@ -244,5 +382,45 @@ mod tests {
         // The tail is past the first window, yet it moves the embedding towards itself.
         assert!(cosine(&e[0], &e[2]) > 0.5, "{}", cosine(&e[0], &e[2]));
         assert!(cosine(&e[0], &e[1]) > 0.5, "{}", cosine(&e[0], &e[1]));
+    }
+
+    #[test]
+    fn distilled_token_vectors_embed_by_meaning_and_are_cached() {
+        let Some(embedder) = minilm() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("static/minilm.safetensors");
+        let distilled = embedder.distilled(&cache).unwrap();
+        assert!(distilled.is_static() && cache.is_file());
+        let texts = [
+            "The patient has type 2 diabetes mellitus.",
+            "Diabetes mellitus type II was diagnosed in this man.",
+            "A fracture of the left femur was seen on the radiograph.",
+            "The radiograph showed a broken left thigh bone.",
+            "",
+        ];
+        let e = distilled.embed(&texts).unwrap();
+        assert_eq!(e.len(), texts.len());
+        for v in &e[..4] {
+            assert!((cosine(v, v) - 1.0).abs() < 1e-4);
+        }
+        assert!(e[4].iter().all(|x| *x == 0.0), "no token, no direction");
+        let (same_dm, same_fx) = (cosine(&e[0], &e[1]), cosine(&e[2], &e[3]));
+        let cross = [(0, 2), (0, 3), (1, 2), (1, 3)].map(|(i, j)| cosine(&e[i], &e[j]));
+        for c in cross {
+            assert!(
+                same_dm > c + 0.1 && same_fx > c + 0.1,
+                "{same_dm} {same_fx} {cross:?}"
+            );
+        }
+        // Punctuation and special tokens carry nothing; a text is the sum of its tokens.
+        let punctuated = distilled.embed(&["diabetes mellitus ; , ."]).unwrap();
+        let plain = distilled.embed(&["diabetes mellitus"]).unwrap();
+        assert!(cosine(&punctuated[0], &plain[0]) > 0.9999);
+        // Read back from the cache: the same vectors.
+        let again = minilm().unwrap().distilled(&cache).unwrap();
+        assert_eq!(again.embed(&texts).unwrap(), e);
+        assert!(std::fs::read_dir(cache.parent().unwrap())
+            .unwrap()
+            .all(|f| !f.unwrap().file_name().to_string_lossy().contains("partial")));
     }
 }

@@ -46,8 +46,10 @@ pub struct EngineArgs {
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// retrieval: the sentence embedder of its semantic signals: `auto` (the `minilm-l6`
-    /// asset when installed), `none`, an asset id or a sentence-transformers folder
+    /// retrieval: the embedder of its semantic signals: `auto` (static token vectors distilled
+    /// from the `minilm-l6` asset when installed: fast), `none`, an asset id or a
+    /// sentence-transformers folder (its encoder over every token: slower, a little more
+    /// accurate), or either with `:static` (distilled)
     #[arg(long, default_value = "auto")]
     pub embedder: String,
     /// openai: the endpoint's base URL (e.g. http://localhost:4000/v1); $OPENAI_BASE_URL when

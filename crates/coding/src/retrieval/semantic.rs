@@ -66,7 +66,15 @@ pub(crate) struct EmbeddedNote {
 
 /// The embedder's identity as the index records it.
 pub(crate) fn embedder_name(embedder: &SentenceEmbedder) -> String {
-    format!("sentence embeddings from {}", embedder.source().display())
+    format!(
+        "{} from {}",
+        if embedder.is_static() {
+            "static token embeddings"
+        } else {
+            "sentence embeddings"
+        },
+        embedder.source().display()
+    )
 }
 
 fn embedding_error(e: impl std::fmt::Display) -> CodingError {
