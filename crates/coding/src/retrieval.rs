@@ -1,10 +1,15 @@
-//! The `retrieval` engine: codes of the most similar labelled notes. Notes become TF-IDF
-//! vectors (stemmed words and word pairs, sublinear term frequency, L2-normalised); a new note's
-//! `k` nearest labelled notes vote for their codes with weight `similarity^power`; a code's
-//! confidence is its share of the vote. `k`, `power` and the decision thresholds are
-//! calibrated by leave-one-out on the notes the index is fitted on (never on the notes it is
-//! evaluated on). The ranking is extended with the most frequent codes so that ranked metrics
-//! see a full list. Evidence: the note's sentence that best matches the code's description.
+//! The `retrieval` engine: codes of the most similar labelled notes, and of the places in
+//! them that say the same thing. Notes become TF-IDF vectors (stemmed words and word pairs,
+//! sublinear term frequency, L2-normalised); a new note's `k` nearest labelled notes vote for
+//! their codes with weight `similarity^power`. Each candidate code also gets the closest code
+//! centroids, the lexical match against the code sets' descriptions, the votes of annotated
+//! mention windows close to the note's sentences (module `mentions`) and, with an embedder, the
+//! semantic signals (module `semantic`); a logistic reranker per kind fuses them into the
+//! confidence. `k`, `power`, the rerankers and the decision thresholds are calibrated by
+//! leave-one-out on the notes the index is fitted on (never on the notes it is evaluated on).
+//! The ranking is extended with the most frequent codes so that ranked metrics see a full
+//! list. Evidence: the note's sentence that best matches the code's description, else the
+//! sentence that matched one of its annotated mentions.
 
 use std::collections::HashMap;
 use std::time::Instant;
