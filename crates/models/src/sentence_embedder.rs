@@ -342,16 +342,31 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
+    /// Two pairs of paraphrases, and an empty text.
+    const PARAPHRASES: [&str; 5] = [
+        "The patient has type 2 diabetes mellitus.",
+        "Diabetes mellitus type II was diagnosed in this man.",
+        "A fracture of the left femur was seen on the radiograph.",
+        "The radiograph showed a broken left thigh bone.",
+        "",
+    ];
+
+    /// Each paraphrase pair of [`PARAPHRASES`] is closer than any cross pair by `margin`.
+    fn assert_paraphrases_closer(e: &[Vec<f32>], margin: f32) {
+        let (same_dm, same_fx) = (cosine(&e[0], &e[1]), cosine(&e[2], &e[3]));
+        let cross = [(0, 2), (0, 3), (1, 2), (1, 3)].map(|(i, j)| cosine(&e[i], &e[j]));
+        for c in cross {
+            assert!(
+                same_dm > c + margin && same_fx > c + margin,
+                "{same_dm} {same_fx} {cross:?}"
+            );
+        }
+    }
+
     #[test]
     fn paraphrases_are_closer_than_unrelated_sentences() {
         let Some(embedder) = minilm() else { return };
-        let texts = [
-            "The patient has type 2 diabetes mellitus.",
-            "Diabetes mellitus type II was diagnosed in this man.",
-            "A fracture of the left femur was seen on the radiograph.",
-            "The radiograph showed a broken left thigh bone.",
-            "",
-        ];
+        let texts = PARAPHRASES;
         let e = embedder.embed(&texts).unwrap();
         assert_eq!(e.len(), texts.len());
         assert!(e.iter().all(|v| v.len() == 384));
@@ -359,14 +374,7 @@ mod tests {
             let norm = cosine(v, v);
             assert!((norm - 1.0).abs() < 1e-4, "{norm}");
         }
-        let (same_dm, same_fx) = (cosine(&e[0], &e[1]), cosine(&e[2], &e[3]));
-        let cross = [(0, 2), (0, 3), (1, 2), (1, 3)].map(|(i, j)| cosine(&e[i], &e[j]));
-        for c in cross {
-            assert!(
-                same_dm > c + 0.2 && same_fx > c + 0.2,
-                "{same_dm} {same_fx} {cross:?}"
-            );
-        }
+        assert_paraphrases_closer(&e, 0.2);
         // A text alone embeds as it does in a batch.
         let alone = embedder.embed(&texts[2..3]).unwrap();
         assert!(cosine(&alone[0], &e[2]) > 0.9999);
@@ -391,27 +399,14 @@ mod tests {
         let cache = dir.path().join("static/minilm.safetensors");
         let distilled = embedder.distilled(&cache).unwrap();
         assert!(distilled.is_static() && cache.is_file());
-        let texts = [
-            "The patient has type 2 diabetes mellitus.",
-            "Diabetes mellitus type II was diagnosed in this man.",
-            "A fracture of the left femur was seen on the radiograph.",
-            "The radiograph showed a broken left thigh bone.",
-            "",
-        ];
+        let texts = PARAPHRASES;
         let e = distilled.embed(&texts).unwrap();
         assert_eq!(e.len(), texts.len());
         for v in &e[..4] {
             assert!((cosine(v, v) - 1.0).abs() < 1e-4);
         }
         assert!(e[4].iter().all(|x| *x == 0.0), "no token, no direction");
-        let (same_dm, same_fx) = (cosine(&e[0], &e[1]), cosine(&e[2], &e[3]));
-        let cross = [(0, 2), (0, 3), (1, 2), (1, 3)].map(|(i, j)| cosine(&e[i], &e[j]));
-        for c in cross {
-            assert!(
-                same_dm > c + 0.1 && same_fx > c + 0.1,
-                "{same_dm} {same_fx} {cross:?}"
-            );
-        }
+        assert_paraphrases_closer(&e, 0.1);
         // Punctuation and special tokens carry nothing; a text is the sum of its tokens.
         let punctuated = distilled.embed(&["diabetes mellitus ; , ."]).unwrap();
         let plain = distilled.embed(&["diabetes mellitus"]).unwrap();
