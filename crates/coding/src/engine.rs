@@ -410,7 +410,6 @@ fn fit_notes(
         Ok(())
     })?;
     notes.sort_by(|a, b| a.id.cmp(&b.id));
-    add_gold_mentions(&store, dataset, &mut notes)?;
     Ok((notes, names))
 }
 
@@ -483,7 +482,8 @@ fn retrieval_index(
     fit_splits: &[String],
     aids: FitAids<'_>,
 ) -> Result<RetrievalIndex, CodingError> {
-    let (notes, names) = fit_notes(db, dataset, fit_splits)?;
+    let (mut notes, names) = fit_notes(db, dataset, fit_splits)?;
+    add_gold_mentions(&Store::open(db)?, dataset, &mut notes)?;
     // With and without sentence embeddings, an index is fitted differently: kept apart.
     let cache = db.with_file_name(format!(
         "{}.retrieval.{dataset}.{}{}.json",
