@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use medcoder_assets::{MedcoderHome, ModelRef};
+use medcoder_assets::MedcoderHome;
 use medcoder_icd::cm::CmKind;
 use medcoder_icd::IcdKnowledge;
 use medcoder_models::{DeviceSpec, SentenceEmbedder};
@@ -605,11 +605,8 @@ fn llm_engine(
         config.adapter.as_deref(),
         home,
     )?;
+    let resolved = choice.resolve_model(home).map_err(|e| invalid(&e))?;
     let (model, adapter, registered) = (choice.model, choice.adapter, choice.entry);
-    let resolved = model
-        .parse::<ModelRef>()
-        .and_then(|m| m.resolve(home))
-        .map_err(|e| invalid(&e))?;
     let device = config
         .device
         .parse::<DeviceSpec>()

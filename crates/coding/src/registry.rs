@@ -517,6 +517,19 @@ pub struct ModelChoice {
     pub entry: Option<ModelEntry>,
 }
 
+impl ModelChoice {
+    /// Where the model's files are: `model` parsed as a reference and found (asset, path or
+    /// hf-hub cache).
+    pub fn resolve_model(
+        &self,
+        home: &MedcoderHome,
+    ) -> Result<medcoder_assets::ResolvedModel, medcoder_assets::AssetError> {
+        self.model
+            .parse::<medcoder_assets::ModelRef>()?
+            .resolve(home)
+    }
+}
+
 /// Resolves `--model` and `--adapter` as every command takes them: `--adapter coder@production`
 /// (`@staging`, `@dev`, `@VERSION`) is that version's run folder, on the base model it records
 /// unless `--model` names one; `--model coder@VERSION` (no adapter) is the same, when `coder` is

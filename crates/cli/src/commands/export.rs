@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
-use medcoder_assets::{MedcoderHome, ModelRef};
+use medcoder_assets::MedcoderHome;
 use medcoder_coding::registry::ModelRegistry;
 use medcoder_models::gguf_export::ExportQuant;
 use medcoder_train::lmstudio::{write_lmstudio_layout, LmStudioLayout};
@@ -71,8 +71,7 @@ pub fn run(command: ExportCommand, home: &MedcoderHome) -> anyhow::Result<ExitCo
         args.adapter.as_deref(),
         home,
     )?;
-    let model_ref: ModelRef = choice.model.parse()?;
-    let resolved = model_ref.resolve(home)?;
+    let resolved = choice.resolve_model(home)?;
     // Merging and quantizing run in f32 on the CPU.
     let model = medcoder_models::load_model(&resolved, &Device::Cpu, Some(DType::F32))
         .with_context(|| format!("loading the base model `{}`", choice.model))?;

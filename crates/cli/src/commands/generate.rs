@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use medcoder_assets::{MedcoderHome, ModelRef};
+use medcoder_assets::MedcoderHome;
 use medcoder_infer::{GenerateRequest, SamplingParams, StopConditions};
 use medcoder_models::{ChatMessage, DeviceSpec, LoadedModel};
 
@@ -80,8 +80,7 @@ pub fn run(args: GenerateArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> 
         args.adapter.as_deref(),
         home,
     )?;
-    let model_ref: ModelRef = choice.model.parse()?;
-    let resolved = model_ref.resolve(home)?;
+    let resolved = choice.resolve_model(home)?;
     let device = args.device.device()?;
     let loading = Instant::now();
     let mut model = medcoder_models::load_model(&resolved, &device, None)?;

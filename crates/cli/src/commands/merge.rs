@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use medcoder_assets::{MedcoderHome, ModelRef};
+use medcoder_assets::MedcoderHome;
 
 #[derive(Debug, clap::Args)]
 pub struct MergeArgs {
@@ -40,8 +40,7 @@ pub fn run(args: MergeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         home,
     )?;
     let adapter = choice.adapter.clone().unwrap_or(args.adapter);
-    let model_ref: ModelRef = choice.model.parse()?;
-    let resolved = model_ref.resolve(home)?;
+    let resolved = choice.resolve_model(home)?;
     // Merging runs in f32 on the CPU whatever the output dtype.
     let model = medcoder_models::load_model(&resolved, &Device::Cpu, Some(DType::F32))
         .with_context(|| format!("loading the base model `{}`", choice.model))?;
