@@ -273,6 +273,14 @@ pub fn pack_batch(rows: &[Vec<&Example>], pad_id: u32, loss_on: LossOn) -> Padde
 mod tests {
     use super::*;
 
+    fn example(doc_id: impl Into<String>, ids: Vec<u32>, prompt_len: usize) -> Example {
+        Example {
+            doc_id: doc_id.into(),
+            ids,
+            prompt_len,
+        }
+    }
+
     fn row(id: &str, split: &str, len: usize, prompt: u32) -> TokenRow {
         TokenRow {
             doc_id: id.into(),
@@ -286,16 +294,8 @@ mod tests {
 
     #[test]
     fn targets_are_the_completion_and_padding_is_never_scored() {
-        let a = Example {
-            doc_id: "a".into(),
-            ids: vec![5, 6, 7, 8],
-            prompt_len: 2,
-        };
-        let b = Example {
-            doc_id: "b".into(),
-            ids: vec![1, 2, 3],
-            prompt_len: 2,
-        };
+        let a = example("a", vec![5, 6, 7, 8], 2);
+        let b = example("b", vec![1, 2, 3], 2);
         let batch = pad_batch(&[&a, &b], 0, LossOn::Completion);
         assert_eq!(batch.ids, vec![5, 6, 7, 8, 1, 2, 3, 0]);
         // a: positions 1, 2 predict 7, 8; b: position 1 predicts 3
@@ -338,11 +338,7 @@ mod tests {
     #[test]
     fn epochs_are_reproducible_permutations() {
         let examples: Vec<Example> = (0..23)
-            .map(|i| Example {
-                doc_id: i.to_string(),
-                ids: vec![0; 3 + i % 7],
-                prompt_len: 1,
-            })
+            .map(|i| example(i.to_string(), vec![0; 3 + i % 7], 1))
             .collect();
         let plan = BatchPlan {
             batch_size: 4,
@@ -362,10 +358,12 @@ mod tests {
     #[test]
     fn packing_fills_rows_with_fewer_rows_and_less_padding_and_keeps_documents_apart() {
         let examples: Vec<Example> = (0..40)
-            .map(|i| Example {
-                doc_id: i.to_string(),
-                ids: (0..(4 + i * 7 % 29) as u32).map(|t| 100 + t).collect(),
-                prompt_len: 3,
+            .map(|i| {
+                example(
+                    i.to_string(),
+                    (0..(4 + i * 7 % 29) as u32).map(|t| 100 + t).collect(),
+                    3,
+                )
             })
             .collect();
         let plan = BatchPlan {
@@ -412,21 +410,9 @@ mod tests {
 
     #[test]
     fn a_packed_row_scores_each_document_as_alone() {
-        let a = Example {
-            doc_id: "a".into(),
-            ids: vec![5, 6, 7, 8],
-            prompt_len: 2,
-        };
-        let b = Example {
-            doc_id: "b".into(),
-            ids: vec![1, 2, 3],
-            prompt_len: 2,
-        };
-        let c = Example {
-            doc_id: "c".into(),
-            ids: vec![9, 10],
-            prompt_len: 1,
-        };
+        let a = example("a", vec![5, 6, 7, 8], 2);
+        let b = example("b", vec![1, 2, 3], 2);
+        let c = example("c", vec![9, 10], 1);
         let batch = pack_batch(&[vec![&a, &b], vec![&c]], 0, LossOn::Completion);
         assert_eq!((batch.rows, batch.len), (2, 7));
         assert_eq!(batch.ids, vec![5, 6, 7, 8, 1, 2, 3, 9, 10, 0, 0, 0, 0, 0]);
