@@ -21,6 +21,8 @@ use medcoder_train::TrainConfig;
 
 mod support;
 
+use support::gradients::assert_same;
+
 use support::load_tiny_fixture as load;
 
 fn lora(lm: &mut CausalLm, dropout: f64) -> Trainable {
@@ -63,42 +65,6 @@ fn batch() -> PaddedBatch {
         prompt_len: 5,
     };
     pad_batch(&[&a, &b], 0, LossOn::Completion)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Losses within 1e-5 and every gradient within 2e-4 of the largest of `want`'s.
-fn assert_same(
-    case: &str,
-    trainable: &Trainable,
-    (want_loss, want): (f64, &[Option<Tensor>]),
-    (loss, got): (f64, &[Option<Tensor>]),
-) {
-    assert!(
-        (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
-        "{case}: loss {loss} vs {want_loss}"
-    );
-    for ((name, _), (w, g)) in trainable.vars.iter().zip(want.iter().zip(got)) {
-        let w = w.as_ref().unwrap();
-        let g = g
-            .as_ref()
-            .unwrap_or_else(|| panic!("{case}: {name} got no gradient"));
-        let scale = max_abs(w);
-        let diff = max_abs(&(w - g).unwrap());
-        assert!(
-            scale > 0.0 && diff <= 2e-4 * scale,
-            "{case}: {name} differs by {diff} (max {scale})"
-        );
-    }
 }
 
 #[test]

@@ -17,6 +17,7 @@ use medcoder_train::TrainConfig;
 
 mod support;
 
+use support::gradients::assert_same;
 use support::load_tiny_fixture as load;
 
 fn lora(lm: &mut CausalLm) -> Trainable {
@@ -64,42 +65,6 @@ fn batches() -> (PaddedBatch, PaddedBatch) {
     (packed, unpacked)
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Losses within 1e-5 and every gradient within 2e-4 of the largest of `want`'s.
-fn assert_same(
-    case: &str,
-    trainable: &Trainable,
-    (want_loss, want): &(f64, Vec<Option<Tensor>>),
-    (loss, got): &(f64, Vec<Option<Tensor>>),
-) {
-    assert!(
-        (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
-        "{case}: loss {loss} vs {want_loss}"
-    );
-    for ((name, _), (w, g)) in trainable.vars.iter().zip(want.iter().zip(got)) {
-        let w = w.as_ref().unwrap();
-        let g = g
-            .as_ref()
-            .unwrap_or_else(|| panic!("{case}: {name} got no gradient"));
-        let scale = max_abs(w);
-        let diff = max_abs(&(w - g).unwrap());
-        assert!(
-            scale > 0.0 && diff <= 2e-4 * scale,
-            "{case}: {name} differs by {diff} (max {scale})"
-        );
-    }
-}
-
 type Pass = fn(
     &CausalLm,
     &PaddedBatch,
@@ -132,9 +97,19 @@ fn a_packed_batch_has_the_loss_and_gradients_of_its_examples_one_per_row() {
             for checkpointing in [false, true] {
                 let case = format!("{family}, {path}, checkpointing {checkpointing}");
                 let got = run(&lm, &packed, n, &vars, &Device::Cpu, checkpointing).unwrap();
-                assert_same(&format!("{case}, packed"), &trainable, &want, &got);
+                assert_same(
+                    &format!("{case}, packed"),
+                    &trainable,
+                    (want.0, &want.1),
+                    (got.0, &got.1),
+                );
                 let plain = run(&lm, &unpacked, n, &vars, &Device::Cpu, checkpointing).unwrap();
-                assert_same(&format!("{case}, unpacked"), &trainable, &want, &plain);
+                assert_same(
+                    &format!("{case}, unpacked"),
+                    &trainable,
+                    (want.0, &want.1),
+                    (plain.0, &plain.1),
+                );
             }
         }
     }

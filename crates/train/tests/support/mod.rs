@@ -2,6 +2,7 @@
 //! DuckDB, and tokenizer folders whose vocabulary covers its notes.
 #![allow(dead_code)] // each test binary uses a subset
 
+pub mod gradients;
 pub mod tokenizer;
 
 use std::path::PathBuf;
