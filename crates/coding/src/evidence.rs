@@ -15,6 +15,18 @@ pub(crate) struct NoteSentences<'a> {
 }
 
 impl<'a> NoteSentences<'a> {
+    /// The sentence at `index`, in note order.
+    pub fn span(&self, index: usize) -> Option<&Span> {
+        self.sentences.get(index).map(|(span, _, _)| span)
+    }
+
+    /// Each sentence's terms (as [`Analyzer::terms`] makes them of its text), in note order.
+    pub fn terms(&self) -> impl Iterator<Item = Vec<String>> + '_ {
+        self.sentences
+            .iter()
+            .map(|(_, _, range)| self.words.terms_in(range.clone()))
+    }
+
     pub fn new(text: &str, words: &'a StemmedWords) -> Self {
         let sentences = sentences(text)
             .into_iter()

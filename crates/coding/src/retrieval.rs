@@ -22,7 +22,7 @@ use crate::assertion::assertion_in_note;
 use crate::lexical::{Lexicon, Ranked};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, EvidenceSpan, NotePrediction};
 use crate::rerank::{Reranker, Signals};
-use crate::text::{sentences, Analyzer, Span};
+use crate::text::{sentences, Analyzer};
 use crate::CodingError;
 
 mod calibration;
@@ -355,7 +355,10 @@ impl RetrievalIndex {
             notes
                 .par_iter()
                 .enumerate()
-                .map(|(d, note)| index.match_mentions(&note.text, Some(d)).0)
+                .map(|(d, note)| {
+                    let words = analyzer.stemmed_words(&note.text);
+                    index.match_mentions(&NoteSentences::new(&note.text, &words), Some(d))
+                })
                 .collect()
         });
         index.calibrate(lexical.as_deref(), semantic.as_deref(), mentions.as_deref());
@@ -480,15 +483,10 @@ impl RetrievalIndex {
     }
 
     /// The note's sentences matched against the mention windows (`skip`: a fitted note left
-    /// out), and the sentences.
-    fn match_mentions(&self, text: &str, skip: Option<usize>) -> (MentionMatch, Vec<Span>) {
-        let analyzer = Analyzer::default();
-        let sentences = sentences(text);
-        let vectors: Vec<SparseVec> = sentences
-            .iter()
-            .map(|s| self.vectorize(&analyzer.terms(&s.text)))
-            .collect();
-        (self.mentions.match_sentences(&vectors, skip), sentences)
+    /// out); a match names its sentence by its index in `sentences`.
+    fn match_mentions(&self, sentences: &NoteSentences<'_>, skip: Option<usize>) -> MentionMatch {
+        let vectors: Vec<SparseVec> = sentences.terms().map(|t| self.vectorize(&t)).collect();
+        self.mentions.match_sentences(&vectors, skip)
     }
 
     /// Cosine similarity to every fitted note.
@@ -687,13 +685,9 @@ impl RetrievalIndex {
             }
             _ => None,
         };
-        let (mentions, mention_sentences) =
-            if self.mentions.is_empty() || self.rerankers.iter().all(Option::is_none) {
-                (None, Vec::new())
-            } else {
-                let (found, sentences) = self.match_mentions(text, None);
-                (Some(found), sentences)
-            };
+        let sentences = NoteSentences::new(text, &words);
+        let mentions = (!self.mentions.is_empty() && self.rerankers.iter().any(Option::is_some))
+            .then(|| self.match_mentions(&sentences, None));
         let candidates = self.candidates(
             &query,
             &sims,
@@ -706,7 +700,6 @@ impl RetrievalIndex {
             },
         );
         let votes = self.rank(candidates, &self.rerankers);
-        let sentences = NoteSentences::new(text, &words);
         let items = |kind: usize| -> Vec<CodedItem> {
             votes[kind]
                 .iter()
@@ -734,8 +727,7 @@ impl RetrievalIndex {
                             .as_ref()
                             .and_then(|m| m.get(code_id))
                             .or_else(|| semantic.as_ref()?.mentions.get(code_id))?;
-                        let sentence =
-                            mention_sentences.get(score.sentence).filter(|_| assigned)?;
+                        let sentence = sentences.span(score.sentence).filter(|_| assigned)?;
                         Some((
                             EvidenceSpan {
                                 start: sentence.start,

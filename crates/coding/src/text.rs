@@ -64,6 +64,22 @@ impl StemmedWords {
         self.stems[range].iter().filter_map(|s| s.as_deref())
     }
 
+    /// The terms of the words in `range` (a sentence's, or all): their stems, then each pair
+    /// of neighbouring stems (`left_right`), as [`Analyzer::terms`] makes them.
+    pub fn terms_in(&self, range: std::ops::Range<usize>) -> Vec<String> {
+        let stems: Vec<&str> = self.stems_in(range).collect();
+        let mut terms: Vec<String> = Vec::with_capacity(2 * stems.len());
+        terms.extend(stems.iter().map(|s| s.to_string()));
+        terms.extend(stems.windows(2).map(|pair| {
+            let mut term = String::with_capacity(pair[0].len() + 1 + pair[1].len());
+            term.push_str(pair[0]);
+            term.push('_');
+            term.push_str(pair[1]);
+            term
+        }));
+        terms
+    }
+
     /// The words that lie within `[start, end)` (characters), as a range of word indexes.
     pub fn within(&self, start: usize, end: usize) -> std::ops::Range<usize> {
         let first = self.words.partition_point(|w| w.start < start);
@@ -79,17 +95,7 @@ impl Analyzer {
 
     /// The stems of a text's words, then each pair of neighbouring stems.
     pub fn terms_of(words: &StemmedWords) -> Vec<String> {
-        let stems: Vec<&str> = words.stems_in(0..words.stems.len()).collect();
-        let mut terms: Vec<String> = Vec::with_capacity(2 * stems.len());
-        terms.extend(stems.iter().map(|s| s.to_string()));
-        terms.extend(stems.windows(2).map(|pair| {
-            let mut term = String::with_capacity(pair[0].len() + 1 + pair[1].len());
-            term.push_str(pair[0]);
-            term.push('_');
-            term.push_str(pair[1]);
-            term
-        }));
-        terms
+        words.terms_in(0..words.stems.len())
     }
 
     /// Stemmed content words only (for matching against code descriptions).
