@@ -32,6 +32,10 @@ pub(crate) struct Signals {
     /// and of the annotated mention sentences closest by sentence embeddings.
     pub mention: MentionVote,
     pub mention_semantic: MentionVote,
+    /// Kernel ridge regression score on the fitted notes' TF-IDF similarities (0 when the
+    /// code is in no fitted note), and its 1-based rank (0 when not scored).
+    pub ridge: f32,
+    pub ridge_rank: usize,
 }
 
 /// A code's share of a mention vote, its rank (1-based, 0 when not voted) and the best cosine
@@ -43,7 +47,7 @@ pub(crate) struct MentionVote {
     pub best: f32,
 }
 
-pub(crate) const FEATURES: usize = 25;
+pub(crate) const FEATURES: usize = 28;
 
 fn features(s: &Signals) -> [f32; FEATURES] {
     let inv = |r: usize| if r == 0 { 0.0 } else { 1.0 / r as f32 };
@@ -73,6 +77,9 @@ fn features(s: &Signals) -> [f32; FEATURES] {
         s.mention_semantic.share,
         inv(s.mention_semantic.rank),
         s.mention_semantic.best,
+        s.ridge,
+        s.ridge.max(0.0).sqrt(),
+        inv(s.ridge_rank),
     ]
 }
 

@@ -1,8 +1,8 @@
 //! The `retrieval` engine: codes of the most similar labelled notes, and of the places in
 //! them that say the same thing. Notes become TF-IDF vectors (stemmed words and word pairs,
 //! sublinear term frequency, L2-normalised); a new note's `k` nearest labelled notes vote for
-//! their codes with weight `similarity^power`. Each candidate code also gets the closest code
-//! centroids, the lexical match against the code sets' descriptions, the votes of annotated
+//! their codes with weight `similarity^power`. Each candidate code also gets its kernel ridge
+//! score over all fitted notes (module `ridge`), the closest code centroids, the lexical match against the code sets' descriptions, the votes of annotated
 //! mention windows close to the note's sentences (module `mentions`) and, with an embedder, the
 //! semantic signals (module `semantic`); a logistic reranker per kind fuses them into the
 //! confidence. `k`, `power`, the rerankers and the decision thresholds are calibrated by
@@ -22,21 +22,23 @@ use crate::assertion::assertion_in_note;
 use crate::lexical::{Lexicon, Ranked};
 use crate::prediction::{CodeDescriber, CodeKind, CodedItem, EvidenceSpan, NotePrediction};
 use crate::rerank::{Reranker, Signals};
-use crate::text::{sentences, Analyzer};
+use crate::text::Analyzer;
 use crate::CodingError;
 
 mod calibration;
 mod candidate_signals;
 mod centroids;
 mod mentions;
+mod ridge;
 mod semantic;
 
 use crate::evidence::{best_sentence, NoteSentences};
 use centroids::Centroids;
 use medcoder_models::SentenceEmbedder;
 pub use mentions::GoldMention;
-use mentions::{MentionIndex, MentionMatch, MentionWindow};
-use semantic::{embed_notes, embedder_name, MentionSentence, SemanticIndex, SemanticMatch};
+use mentions::{mention_sentences, MentionIndex, MentionMatch, MentionWindow};
+use ridge::WordRidge;
+use semantic::{embed_notes, embedder_name, SemanticIndex, SemanticMatch};
 
 /// A note with its gold codes, to fit the index on.
 #[derive(Debug, Clone)]
@@ -95,35 +97,6 @@ struct NoteMatches<'a, 'm> {
     mentions: Option<&'m MentionMatch>,
 }
 
-/// Per annotated mention of the fitted notes: the sentence of its note it starts in.
-fn mention_sentences(
-    notes: &[LabelledNote],
-    code_ids: &HashMap<(String, CodeKind), u32>,
-) -> Vec<MentionSentence> {
-    let mut found = Vec::new();
-    for (d, note) in notes.iter().enumerate() {
-        if note.mentions.is_empty() {
-            continue;
-        }
-        let spans = sentences(&note.text);
-        for m in &note.mentions {
-            let Some(&code) = code_ids.get(&(m.code.clone(), m.kind)) else {
-                continue;
-            };
-            let sentence = spans
-                .iter()
-                .position(|s| m.start < s.end)
-                .unwrap_or(spans.len().saturating_sub(1));
-            found.push(MentionSentence {
-                note: d,
-                sentence,
-                code,
-            });
-        }
-    }
-    found
-}
-
 /// A sparse, L2-normalised term vector: (term id, weight), sorted by term id.
 type SparseVec = Vec<(u32, f32)>;
 
@@ -163,11 +136,14 @@ pub struct RetrievalIndex {
     centroids: Centroids,
     #[serde(skip)]
     postings: Vec<Vec<(u32, f32)>>,
+    /// Kernel ridge regression of the codes on the fitted notes (none above its size limit).
+    #[serde(skip)]
+    ridge: Option<WordRidge>,
 }
 
 /// Bumped whenever what the index holds or how it scores changes, so that caches of an older
 /// build are refitted rather than misread.
-const INDEX_FORMAT: u32 = 8;
+const INDEX_FORMAT: u32 = 9;
 
 /// Codes in a ranking (the tail filled with frequent codes).
 const RANKING_LENGTH: usize = 50;
@@ -181,6 +157,8 @@ const SEMANTIC_NEIGHBOURS: usize = 20;
 const SEMANTIC_TEMPERATURE: f32 = 0.05;
 /// Candidates taken from the codes the mention windows vote for most, per kind.
 const MENTION_CANDIDATES: usize = 30;
+/// Per kind, the codes with the highest kernel ridge scores that join the candidates.
+const RIDGE_CANDIDATES: usize = 30;
 
 /// What the retrieval engine is fitted with besides the notes.
 #[derive(Clone, Copy, Default)]
@@ -296,6 +274,7 @@ impl RetrievalIndex {
             code_index: Default::default(),
             centroids: Centroids::default(),
             postings: Vec::new(),
+            ridge: None,
         };
         index.docs = term_lists.iter().map(|t| index.vectorize(t)).collect();
         let mut code_ids: HashMap<(String, CodeKind), u32> = HashMap::new();
@@ -430,6 +409,7 @@ impl RetrievalIndex {
             }
         }
         self.postings = postings;
+        self.ridge = self.word_ridge();
     }
 
     /// Sorted by term id before the norm is summed, so that a note's vector is the same to the
@@ -541,6 +521,7 @@ impl RetrievalIndex {
         };
         let dots = self.centroids.dots(query);
         let semantic_votes = semantic.map(|m| self.semantic_neighbours(&m.notes, skip));
+        let ridge_weights = self.ridge_weights(query, skip);
         std::array::from_fn(|kind| {
             let mut signals = CandidateSet::default();
             let mut voted: HashMap<u32, f32> = HashMap::new();
@@ -574,6 +555,9 @@ impl RetrievalIndex {
                     entry.lexical = *score;
                     entry.lexical_rank = rank + 1;
                 }
+            }
+            if let Some(weights) = &ridge_weights {
+                self.add_ridge_signals(&mut signals, kind, weights, &training);
             }
             if let (Some(m), Some(neighbours)) = (semantic, &semantic_votes) {
                 self.add_semantic_signals(&mut signals, kind, m, neighbours, &training);

@@ -15,8 +15,39 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::SparseVec;
+use super::semantic::MentionSentence;
+use super::{LabelledNote, SparseVec};
 use crate::prediction::CodeKind;
+use crate::text::sentences;
+
+/// Per annotated mention of the fitted notes: the sentence of its note it starts in.
+pub(super) fn mention_sentences(
+    notes: &[LabelledNote],
+    code_ids: &HashMap<(String, CodeKind), u32>,
+) -> Vec<MentionSentence> {
+    let mut found = Vec::new();
+    for (d, note) in notes.iter().enumerate() {
+        if note.mentions.is_empty() {
+            continue;
+        }
+        let spans = sentences(&note.text);
+        for m in &note.mentions {
+            let Some(&code) = code_ids.get(&(m.code.clone(), m.kind)) else {
+                continue;
+            };
+            let sentence = spans
+                .iter()
+                .position(|s| m.start < s.end)
+                .unwrap_or(spans.len().saturating_sub(1));
+            found.push(MentionSentence {
+                note: d,
+                sentence,
+                code,
+            });
+        }
+    }
+    found
+}
 
 /// Characters kept on each side of a placed mention.
 pub(crate) const WINDOW_MARGIN: usize = 40;
