@@ -143,7 +143,7 @@ pub struct RetrievalIndex {
 
 /// Bumped whenever what the index holds or how it scores changes, so that caches of an older
 /// build are refitted rather than misread.
-const INDEX_FORMAT: u32 = 9;
+const INDEX_FORMAT: u32 = 10;
 
 /// Codes in a ranking (the tail filled with frequent codes).
 const RANKING_LENGTH: usize = 50;

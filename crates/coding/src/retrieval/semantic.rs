@@ -5,6 +5,8 @@
 //! matched against the note's sentences (its best sentence's cosine). These find the notes and
 //! codes that say the same thing in other words, which the TF-IDF and lexical signals miss.
 
+use std::collections::BTreeMap;
+
 use candle_core::{Device, Tensor};
 use medcoder_models::SentenceEmbedder;
 use serde::{Deserialize, Serialize};
@@ -31,9 +33,10 @@ pub(crate) struct MentionSentence {
     pub code: u32,
 }
 
-/// Mention sentences each sentence of a note votes with, and the power of the cosine that
-/// weighs the vote (embedding cosines crowd into a narrow band).
-const MENTION_SENTENCES_PER_SENTENCE: usize = 10;
+/// Mention sentences each sentence of a note votes with (each for every code annotated in
+/// it), and the power of the cosine that weighs the vote (embedding cosines crowd into a
+/// narrow band).
+const MENTION_SENTENCES_PER_SENTENCE: usize = 5;
 const MENTION_COSINE_POWER: i32 = 4;
 
 /// What is kept of the fitted notes and codes (saved with the index).
@@ -46,12 +49,12 @@ pub(crate) struct SemanticIndex {
     notes: Vec<f32>,
     /// Per code id: its description's embedding (zeros where the code set has none).
     descriptions: Vec<f32>,
-    /// The fitted notes' sentences that hold an annotated mention: embeddings (rows), and
-    /// per row the note and the code.
+    /// The fitted notes' sentences that hold an annotated mention, each once: embeddings
+    /// (rows), and per row the note and the codes mentioned in it.
     #[serde(default)]
     mention_rows: Vec<f32>,
     #[serde(default)]
-    mention_of: Vec<(u32, u32)>,
+    mention_of: Vec<(u32, Vec<u32>)>,
     #[serde(skip)]
     tensors: Option<(Tensor, Tensor)>,
     #[serde(skip)]
@@ -140,13 +143,21 @@ impl SemanticIndex {
         for ((code, _), v) in described.iter().zip(vectors) {
             table[code * dim..(code + 1) * dim].copy_from_slice(&v);
         }
-        let mut mention_rows = Vec::with_capacity(mentions.len() * dim);
-        let mut mention_of = Vec::with_capacity(mentions.len());
+        // One row per (note, sentence), however many codes are mentioned in it.
+        let mut by_sentence: BTreeMap<(usize, usize), Vec<u32>> = BTreeMap::new();
         for m in mentions {
-            let rows = &notes[m.note].sentences;
-            if let Some(row) = rows.get(m.sentence * dim..(m.sentence + 1) * dim) {
+            let codes = by_sentence.entry((m.note, m.sentence)).or_default();
+            if !codes.contains(&m.code) {
+                codes.push(m.code);
+            }
+        }
+        let mut mention_rows = Vec::with_capacity(by_sentence.len() * dim);
+        let mut mention_of = Vec::with_capacity(by_sentence.len());
+        for ((note, sentence), codes) in by_sentence {
+            let rows = &notes[note].sentences;
+            if let Some(row) = rows.get(sentence * dim..(sentence + 1) * dim) {
                 mention_rows.extend_from_slice(row);
-                mention_of.push((m.note as u32, m.code));
+                mention_of.push((note as u32, codes));
             }
         }
         let mut index = Self {
@@ -233,11 +244,13 @@ impl SemanticIndex {
             });
             for &r in &rows[..keep] {
                 let cosine = sentence[r];
-                let score = found.entry(self.mention_of[r].1).or_default();
-                score.votes += cosine.powi(MENTION_COSINE_POWER);
-                if cosine > score.best {
-                    score.best = cosine;
-                    score.sentence = s;
+                for &code in &self.mention_of[r].1 {
+                    let score = found.entry(code).or_default();
+                    score.votes += cosine.powi(MENTION_COSINE_POWER);
+                    if cosine > score.best {
+                        score.best = cosine;
+                        score.sentence = s;
+                    }
                 }
             }
         }
