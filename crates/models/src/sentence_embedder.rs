@@ -212,9 +212,12 @@ impl SentenceEmbedder {
 
     fn embed_static(&self, vectors: &[f32], texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
         let dim = self.dimension();
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), false)
+        // One text after another: a note's sentences are short, and the callers already code
+        // notes in parallel (a batch would spread each note over the thread pool again).
+        let encodings = texts
+            .iter()
+            .map(|text| self.tokenizer.encode(*text, false))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(encodings
             .iter()
