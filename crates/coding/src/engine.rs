@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::guidelines::guideline_warnings;
 use crate::lexical::Lexicon;
 use crate::llm::LlmEngine;
+use crate::llm_continuous::{Answered, ContinuousCoding, Refused};
 use crate::model_answer::AllowedSet;
 use crate::openai::{OpenaiConfig, OpenaiEngine};
 use crate::prediction::CodeDescriber;
@@ -165,6 +166,51 @@ enum Engine {
     Retrieval(Box<RetrievalIndex>, Option<Box<SentenceEmbedder>>),
     Llm(Box<LlmEngine>),
     Openai(Box<OpenaiEngine>),
+}
+
+/// The llm engine's continuous batch behind a [`Coder`]: empty notes are refused, answers get
+/// the code sets' guideline warnings as [`Coder::code`]'s do.
+#[derive(Debug)]
+pub struct ContinuousNotes<'c, T> {
+    coder: &'c Coder,
+    coding: ContinuousCoding<'c, T>,
+}
+
+impl<T> ContinuousNotes<'_, T> {
+    pub fn is_idle(&self) -> bool {
+        self.coding.is_idle()
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.coding.has_room()
+    }
+
+    /// Takes a note in; one that cannot be coded (empty, or its prompt cannot be built) is
+    /// answered at once.
+    pub fn admit(&mut self, id: &str, text: &str, tag: T) -> Result<(), Refused<T>> {
+        if text.trim().is_empty() {
+            return Err(Box::new((
+                tag,
+                CodingError::Input {
+                    what: format!("note {id}"),
+                    why: "empty text".into(),
+                },
+            )));
+        }
+        self.coding.admit(id, text, tag)
+    }
+
+    /// One step of the batch (see [`ContinuousCoding::step`]): the notes answered since.
+    pub fn step(&mut self, cancelled: impl Fn(&T) -> bool) -> Vec<Answered<T>> {
+        let describe = describer(self.coder.kb.as_deref());
+        let mut answered = self.coding.step(&describe, cancelled);
+        for (_, result) in &mut answered {
+            if let Ok(prediction) = result {
+                self.coder.annotate(prediction);
+            }
+        }
+        answered
+    }
 }
 
 /// An engine plus the code sets: a note in, a described, guideline-checked prediction out.
@@ -317,6 +363,18 @@ impl Coder {
             .zip(notes)
             .map(|(r, (id, _))| r.unwrap_or_else(|| Err(CodingError::Cancelled(id.to_string()))))
             .collect()
+    }
+
+    /// With the llm engine: an empty continuous batch coding notes as they arrive (at most
+    /// `max_rows` chunks generated together); `None` with the other engines.
+    pub fn continuous<T>(&self, max_rows: usize) -> Option<ContinuousNotes<'_, T>> {
+        match &self.engine {
+            Engine::Llm(engine) => Some(ContinuousNotes {
+                coder: self,
+                coding: engine.continuous(max_rows),
+            }),
+            _ => None,
+        }
     }
 
     /// What the code sets add to an engine's prediction: guideline warnings and their

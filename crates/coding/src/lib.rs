@@ -12,6 +12,7 @@ pub mod guidelines;
 pub mod lexical;
 pub mod llm;
 mod llm_confidence;
+mod llm_continuous;
 pub mod model_answer;
 pub mod openai;
 pub mod pdf;
@@ -22,7 +23,8 @@ mod rerank;
 pub mod retrieval;
 pub mod text;
 
-pub use engine::{Coder, EngineConfig, EngineKind};
+pub use engine::{Coder, ContinuousNotes, EngineConfig, EngineKind};
+pub use llm_continuous::{Answered, ContinuousCoding, Refused};
 pub use prediction::{CodeKind, CodedItem, EvidenceSpan, NotePrediction};
 
 #[derive(Debug, thiserror::Error)]

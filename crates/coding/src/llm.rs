@@ -33,7 +33,7 @@ use crate::CodingError;
 const MIN_CHUNK_TOKENS: usize = 16;
 
 /// The codes generated for one chunk, in the order written.
-type ChunkCodes = Vec<ScoredCode>;
+pub(crate) type ChunkCodes = Vec<ScoredCode>;
 
 /// A piece of a note coded on its own: its text and where it starts in the note (characters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +89,10 @@ impl LlmEngine {
     }
 
     /// What the model is: id, adapter and the allowed code set.
+    pub(crate) fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -190,7 +194,7 @@ impl LlmEngine {
     /// The codes of each chunk merged in chunk order, each ranked where it first appeared, with
     /// the highest confidence a chunk gave it and, as evidence, the note's sentence that shares
     /// the most words with the code's description (the model writes codes only).
-    fn prediction(
+    pub(crate) fn prediction(
         &self,
         id: &str,
         text: &str,
@@ -340,7 +344,7 @@ impl LlmEngine {
 
     /// A chunk's generation request (greedy, the model's stop tokens) and its constrained
     /// decoding.
-    fn request(
+    pub(crate) fn request(
         &self,
         id: &str,
         note: &str,
@@ -379,7 +383,7 @@ impl LlmEngine {
     /// The codes of a generation with their confidences, read from its tokens' texts as the
     /// constrained decoder read them; one cut by the token limit may end inside a code: the
     /// whole ones are kept.
-    fn scored(&self, generation: &Generation) -> ChunkCodes {
+    pub(crate) fn scored(&self, generation: &Generation) -> ChunkCodes {
         scored_codes(
             &self.grammar,
             &self.token_texts,
@@ -493,6 +497,91 @@ mod tests {
         .unwrap()
     }
 
+    /// The same codes, ranks, evidence; confidences within rounding (a batch's shape may
+    /// change the order of the matmuls' sums).
+    fn assert_same_codes(batched: &NotePrediction, one: &NotePrediction) {
+        let same = |a: &[CodedItem], b: &[CodedItem]| {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| {
+                    let close = (x.confidence - y.confidence).abs() < 1e-4;
+                    close
+                        && CodedItem {
+                            confidence: 0.0,
+                            ..x.clone()
+                        } == CodedItem {
+                            confidence: 0.0,
+                            ..y.clone()
+                        }
+                })
+        };
+        assert_eq!(batched.id, one.id);
+        assert!(
+            same(&batched.diagnoses, &one.diagnoses),
+            "note {}: {batched:?} vs {one:?}",
+            one.id
+        );
+        assert!(
+            same(&batched.procedures, &one.procedures),
+            "note {}: {batched:?} vs {one:?}",
+            one.id
+        );
+    }
+
+    /// Notes joining a continuous batch at different steps (one of them in several chunks)
+    /// get the codes they get alone; a cancelled note stops and says so.
+    #[test]
+    fn notes_joining_a_running_batch_get_the_codes_they_get_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path(), 64);
+        let no_description = |_: &str, _: CodeKind| None;
+        let long = long_note();
+        let notes: Vec<(&str, &str)> = vec![
+            ("long", long.as_str()),
+            ("a", "Fever and cough."),
+            ("c", "Type 2 diabetes."),
+            ("d", "Fracture of the femur after a fall."),
+        ];
+        assert!(engine.chunks("long", &long).unwrap().len() > 1);
+        let alone: Vec<NotePrediction> = notes
+            .iter()
+            .map(|(id, text)| engine.predict(id, text, &no_description).unwrap())
+            .collect();
+        let mut batch = engine.continuous::<usize>(3);
+        let mut answers: Vec<Option<NotePrediction>> = vec![None; notes.len()];
+        let mut admitted = 0;
+        let mut most_in_flight = 0;
+        for step in 0..10_000 {
+            // One more note every other step.
+            if step % 2 == 0 && admitted < notes.len() && batch.has_room() {
+                let (id, text) = notes[admitted];
+                batch.admit(id, text, admitted).unwrap();
+                admitted += 1;
+            }
+            most_in_flight = most_in_flight.max(batch.notes());
+            for (i, result) in batch.step(&no_description, |_| false) {
+                answers[i] = Some(result.unwrap());
+            }
+            if admitted == notes.len() && batch.is_idle() {
+                break;
+            }
+        }
+        for (one, answer) in alone.iter().zip(&answers) {
+            assert_same_codes(answer.as_ref().expect("every note answered"), one);
+        }
+        assert!(most_in_flight > 1, "no note joined a running batch");
+        let mut batch = engine.continuous::<&str>(3);
+        batch.admit("a", notes[1].1, "a").unwrap();
+        batch.admit("c", notes[2].1, "c").unwrap();
+        let mut cancelled = Vec::new();
+        while !batch.is_idle() {
+            for (tag, result) in batch.step(&no_description, |tag| *tag == "c") {
+                cancelled.push((tag, matches!(result, Err(CodingError::Cancelled(_)))));
+            }
+        }
+        cancelled.sort();
+        assert_eq!(cancelled, vec![("a", false), ("c", true)]);
+    }
+
     #[test]
     fn notes_generated_together_get_the_codes_they_get_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -519,35 +608,8 @@ mod tests {
         );
         let together = engine.predict_batch(&notes, &no_description, 3, &|| false);
         assert_eq!(together.len(), notes.len());
-        // Confidences within rounding: a batch's shape may change the order of the matmuls'
-        // sums.
-        let same = |a: &[CodedItem], b: &[CodedItem]| {
-            a.len() == b.len()
-                && a.iter().zip(b).all(|(x, y)| {
-                    let close = (x.confidence - y.confidence).abs() < 1e-4;
-                    close
-                        && CodedItem {
-                            confidence: 0.0,
-                            ..x.clone()
-                        } == CodedItem {
-                            confidence: 0.0,
-                            ..y.clone()
-                        }
-                })
-        };
         for (one, batched) in alone.iter().zip(together) {
-            let batched = batched.unwrap();
-            assert_eq!(batched.id, one.id);
-            assert!(
-                same(&batched.diagnoses, &one.diagnoses),
-                "note {}: {batched:?} vs {one:?}",
-                one.id
-            );
-            assert!(
-                same(&batched.procedures, &one.procedures),
-                "note {}: {batched:?} vs {one:?}",
-                one.id
-            );
+            assert_same_codes(&batched.unwrap(), one);
         }
         let cancelled = engine.predict_batch(&notes, &no_description, 3, &|| true);
         assert!(cancelled

@@ -1,6 +1,7 @@
-//! The coding engine runs on worker threads fed by a bounded queue, never inside a handler: a
-//! handler submits a note and awaits the answer; a full queue is refused at once (503), and a
-//! note whose client went away (or timed out) before a worker reached it is dropped unread.
+//! The coding engine runs on worker threads fed by a bounded queue, never inside a handler
+//! (the llm engine on one thread, in a continuous batch): a handler submits a note and awaits
+//! the answer; a full queue is refused at once (503), and a note whose client went away (or
+//! timed out) before a worker reached it is dropped unread.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -40,8 +41,9 @@ impl std::fmt::Debug for CodingJob {
 }
 
 impl CodingQueue {
-    /// Starts `workers` threads sharing `coder`, behind a queue of `capacity` notes. An engine
-    /// that codes best in batches (llm) takes every waiting note, up to `max_batch`, at once.
+    /// Starts `workers` threads sharing `coder`, behind a queue of `capacity` notes; an engine
+    /// that codes best in batches (llm) gets one thread instead, coding notes as they arrive in
+    /// one continuous batch of up to `max_batch` chunks.
     pub fn start(
         coder: Arc<Coder>,
         workers: usize,
@@ -50,8 +52,17 @@ impl CodingQueue {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (sender, receiver) = mpsc::channel::<CodingJob>(capacity);
+        if coder.batches() {
+            let shared = metrics.clone();
+            let spawned = std::thread::Builder::new()
+                .name("coding-llm".into())
+                .spawn(move || continuous_loop(&coder, receiver, max_batch, &shared));
+            if let Err(error) = spawned {
+                tracing::error!(%error, "could not start the coding engine's thread");
+            }
+            return Self { sender, metrics };
+        }
         let receiver = Arc::new(Mutex::new(receiver));
-        let max_batch = if coder.batches() { max_batch.max(1) } else { 1 };
         for worker in 0..workers.max(1) {
             let receiver = receiver.clone();
             let coder = coder.clone();
@@ -59,11 +70,9 @@ impl CodingQueue {
             let spawned = std::thread::Builder::new()
                 .name(format!("coding-{worker}"))
                 .spawn(move || {
-                    while let Some(jobs) = next_jobs(&receiver, max_batch) {
-                        metrics
-                            .queue_depth
-                            .fetch_sub(jobs.len() as i64, Ordering::Relaxed);
-                        code_jobs(&coder, jobs, max_batch, &metrics);
+                    while let Some(job) = next_job(&receiver) {
+                        metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                        code_job(&coder, job, &metrics);
                     }
                 });
             if let Err(error) = spawned {
@@ -117,58 +126,73 @@ impl CodingQueue {
     }
 }
 
-/// The next job, and as many others as are already waiting, up to `max_batch`; `None` once the
-/// queue is closed. One worker waits on the queue at a time; the others wait for the lock.
-fn next_jobs(
-    receiver: &Mutex<mpsc::Receiver<CodingJob>>,
-    max_batch: usize,
-) -> Option<Vec<CodingJob>> {
-    let mut receiver = receiver.lock().ok()?;
-    let mut jobs = vec![receiver.blocking_recv()?];
-    while jobs.len() < max_batch {
-        match receiver.try_recv() {
-            Ok(job) => jobs.push(job),
-            Err(_) => break,
-        }
-    }
-    Some(jobs)
+/// The next job; `None` once the queue is closed. One worker waits on the queue at a time; the
+/// others wait for the lock.
+fn next_job(receiver: &Mutex<mpsc::Receiver<CodingJob>>) -> Option<CodingJob> {
+    receiver.lock().ok()?.blocking_recv()
 }
 
-/// Codes the jobs whose clients are still there and answers each.
-fn code_jobs(coder: &Coder, mut jobs: Vec<CodingJob>, max_batch: usize, metrics: &Metrics) {
-    jobs.retain(|job| {
-        let gone = job.reply.is_closed();
-        if gone {
-            tracing::debug!(note = job.id, "client gone before coding: skipped");
-        }
-        !gone
-    });
-    if jobs.is_empty() {
+/// Codes the job if its client is still there, and answers it.
+fn code_job(coder: &Coder, job: CodingJob, metrics: &Metrics) {
+    if job.reply.is_closed() {
+        tracing::debug!(note = job.id, "client gone before coding: skipped");
         return;
     }
     let started = Instant::now();
-    let results = if jobs.len() == 1 {
-        // The llm engine stops generating when the client goes away.
-        let job = &jobs[0];
-        vec![coder.code_unless_cancelled(&job.id, &job.text, &|| job.reply.is_closed())]
-    } else {
-        let notes: Vec<(&str, &str)> = jobs
-            .iter()
-            .map(|j| (j.id.as_str(), j.text.as_str()))
-            .collect();
-        coder.code_batch(&notes, max_batch, &|| {
-            jobs.iter().all(|j| j.reply.is_closed())
-        })
-    };
-    metrics
-        .notes_coded
-        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+    let result = coder.code_unless_cancelled(&job.id, &job.text, &|| job.reply.is_closed());
+    metrics.notes_coded.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(
-        notes = jobs.len(),
+        note = job.id,
         ms = started.elapsed().as_secs_f64() * 1e3,
         "coded"
     );
-    for (job, result) in jobs.into_iter().zip(results) {
-        let _ = job.reply.send(result);
+    let _ = job.reply.send(result);
+}
+
+/// The llm engine's thread: one continuous batch of up to `max_batch` chunks. Between two
+/// decode steps, waiting notes join; finished ones are answered and leave; a note whose client
+/// went away stops generating. It sleeps only while nothing is being coded.
+fn continuous_loop(
+    coder: &Coder,
+    mut receiver: mpsc::Receiver<CodingJob>,
+    max_batch: usize,
+    metrics: &Metrics,
+) {
+    type Reply = oneshot::Sender<Result<NotePrediction, CodingError>>;
+    let Some(mut batch) = coder.continuous::<(String, Reply)>(max_batch) else {
+        return;
+    };
+    let answer = |(id, reply): (String, Reply), result: Result<NotePrediction, CodingError>| {
+        metrics.notes_coded.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(note = id, ok = result.is_ok(), "coded");
+        let _ = reply.send(result);
+    };
+    loop {
+        while batch.has_room() {
+            let job = if batch.is_idle() {
+                match receiver.blocking_recv() {
+                    Some(job) => job,
+                    None => return,
+                }
+            } else {
+                match receiver.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if job.reply.is_closed() {
+                tracing::debug!(note = job.id, "client gone before coding: skipped");
+                continue;
+            }
+            let CodingJob { id, text, reply } = job;
+            if let Err(refused) = batch.admit(&id, &text, (id.clone(), reply)) {
+                let (tag, error) = *refused;
+                answer(tag, Err(error));
+            }
+        }
+        for (tag, result) in batch.step(|(_, reply)| reply.is_closed()) {
+            answer(tag, result);
+        }
     }
 }
