@@ -24,6 +24,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use utoipa::ToSchema;
 
+use crate::batch_intake::{next_job, Intake};
 use crate::config::GenerationConfig;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -387,16 +388,10 @@ fn generation_loop(
     let mut batch = ContinuousBatch::new(&model);
     loop {
         while batch.len() < max_batch.max(1) {
-            let job = if batch.is_empty() {
-                match receiver.blocking_recv() {
-                    Some(job) => job,
-                    None => return,
-                }
-            } else {
-                match receiver.try_recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
+            let job = match next_job(&mut receiver, batch.is_empty()) {
+                Intake::Job(job) => job,
+                Intake::NoneWaiting => break,
+                Intake::Closed => return,
             };
             metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             if job.reply.is_closed() {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use medcoder_coding::{Coder, CodingError, NotePrediction};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch_intake::{next_job, Intake};
 use crate::metrics::Metrics;
 
 struct CodingJob {
@@ -70,7 +71,7 @@ impl CodingQueue {
             let spawned = std::thread::Builder::new()
                 .name(format!("coding-{worker}"))
                 .spawn(move || {
-                    while let Some(job) = next_job(&receiver) {
+                    while let Some(job) = next_shared_job(&receiver) {
                         metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
                         code_job(&coder, job, &metrics);
                     }
@@ -128,7 +129,7 @@ impl CodingQueue {
 
 /// The next job; `None` once the queue is closed. One worker waits on the queue at a time; the
 /// others wait for the lock.
-fn next_job(receiver: &Mutex<mpsc::Receiver<CodingJob>>) -> Option<CodingJob> {
+fn next_shared_job(receiver: &Mutex<mpsc::Receiver<CodingJob>>) -> Option<CodingJob> {
     receiver.lock().ok()?.blocking_recv()
 }
 
@@ -169,16 +170,10 @@ fn continuous_loop(
     };
     loop {
         while batch.has_room() {
-            let job = if batch.is_idle() {
-                match receiver.blocking_recv() {
-                    Some(job) => job,
-                    None => return,
-                }
-            } else {
-                match receiver.try_recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                }
+            let job = match next_job(&mut receiver, batch.is_idle()) {
+                Intake::Job(job) => job,
+                Intake::NoneWaiting => break,
+                Intake::Closed => return,
             };
             metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             if job.reply.is_closed() {

@@ -3,6 +3,7 @@
 //! they are up); engines run on their own threads behind bounded queues, never in a handler.
 
 pub mod api;
+mod batch_intake;
 pub mod chat;
 mod coding_queue;
 pub mod config;
