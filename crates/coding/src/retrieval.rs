@@ -86,6 +86,21 @@ impl<'a> CandidateSet<'a> {
         });
         &mut list[i].1
     }
+
+    /// The code's signals when it is already a candidate or when `admit` (a new candidate is
+    /// made by `new`); `None` otherwise.
+    fn entry_if(
+        &mut self,
+        code: &'a str,
+        admit: bool,
+        new: impl FnOnce() -> Signals,
+    ) -> Option<&mut Signals> {
+        if admit {
+            return Some(self.entry(code, new));
+        }
+        let i = *self.at.get(code)?;
+        Some(&mut self.list[i].1)
+    }
 }
 
 /// What a note matched besides its neighbours, each where the index and the caller have it:

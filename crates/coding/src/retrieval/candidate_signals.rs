@@ -103,13 +103,10 @@ impl RetrievalIndex {
         let total: f32 = voted.iter().map(|(_, s)| s.votes).sum::<f32>().max(1e-12);
         for (rank, (code, score)) in voted.into_iter().enumerate() {
             let name = self.codes[code as usize].0.as_str();
-            let entry = if rank < MENTION_CANDIDATES {
-                signals.entry(name, || training(code, kind))
-            } else {
-                match signals.at.get(name) {
-                    Some(&i) => &mut signals.list[i].1,
-                    None => continue,
-                }
+            let Some(entry) =
+                signals.entry_if(name, rank < MENTION_CANDIDATES, || training(code, kind))
+            else {
+                continue;
             };
             *vote(entry) = MentionVote {
                 share: score.votes / total,

@@ -197,13 +197,10 @@ impl RetrievalIndex {
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         for (rank, (code, score)) in ranked.into_iter().enumerate() {
             let name = self.codes[code as usize].0.as_str();
-            let entry = if rank < RIDGE_CANDIDATES {
-                signals.entry(name, || training(code, kind))
-            } else {
-                match signals.at.get(name) {
-                    Some(&i) => &mut signals.list[i].1,
-                    None => continue,
-                }
+            let Some(entry) =
+                signals.entry_if(name, rank < RIDGE_CANDIDATES, || training(code, kind))
+            else {
+                continue;
             };
             entry.ridge = score;
             entry.ridge_rank = rank + 1;
