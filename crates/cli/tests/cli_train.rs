@@ -277,7 +277,8 @@ fn assert_llm_engine_writes_only_allowed_codes(fx: &Fixture, model: &str, adapte
         "--out",
         preds.to_str().expect("utf-8"),
     ];
-    assert_ok(&fx.run(&[&code[..], &split[..]].concat()));
+    let coded = fx.run(&[&code[..], &split[..]].concat());
+    assert_ok(&coded);
     let store = Store::open(Path::new(&db)).expect("open the database");
     let mut allowed = std::collections::HashSet::new();
     for id in store
@@ -313,6 +314,25 @@ fn assert_llm_engine_writes_only_allowed_codes(fx: &Fixture, model: &str, adapte
         }
     }
     assert!(lines.lines().count() > 0 && codes > 0, "{lines}");
+    // Coded in one continuous batch: each note once, whatever order they finish in, none lost.
+    let mut written: Vec<String> = lines
+        .lines()
+        .map(|l| {
+            let p: Value = serde_json::from_str(l).expect("JSON");
+            p["id"].as_str().expect("an id").to_string()
+        })
+        .collect();
+    written.sort_unstable();
+    written.dedup();
+    assert!(
+        coded
+            .stdout
+            .starts_with(&format!("coded {} notes (0 already in", written.len()))
+            && coded.stdout.contains(", 0 skipped")
+            && written.len() == lines.lines().count(),
+        "{}: {written:?}",
+        coded.stdout
+    );
     // Against the US code set (where it is installed): every code reportable as written.
     if let Some(home) = support::icd_home() {
         let us = fx.dir.path().join("llm-us.jsonl");

@@ -58,6 +58,10 @@ pub struct CodeArgs {
     /// official evaluation script reads.
     #[arg(long)]
     codiesp_out: Option<PathBuf>,
+    /// llm engine, batch coding: chunks of notes generated together in one continuous batch
+    /// (a note joins as soon as a row is free, and is written as soon as it is coded).
+    #[arg(long, default_value_t = 8)]
+    llm_batch: usize,
 }
 
 /// A line of a batch file.
@@ -138,10 +142,9 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
     let writer = Mutex::new(std::io::BufWriter::new(file));
     let bar = indicatif::ProgressBar::new(todo.len() as u64);
     let failures = Mutex::new(Vec::new());
-    let code_one = |note: &&BatchNote| {
+    let write = |note: &BatchNote, prediction: anyhow::Result<NotePrediction>| {
         let result = (|| -> anyhow::Result<()> {
-            let prediction = coder.code(&note.id, &note.text)?;
-            let line = serde_json::to_string(&prediction)?;
+            let line = serde_json::to_string(&prediction?)?;
             let mut w = writer
                 .lock()
                 .map_err(|_| anyhow::anyhow!("writer poisoned"))?;
@@ -157,8 +160,29 @@ pub fn run(args: CodeArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode> {
         }
         bar.inc(1);
     };
+    let code_one =
+        |note: &&BatchNote| write(note, coder.code(&note.id, &note.text).map_err(Into::into));
     if coder.parallel() {
         todo.par_iter().for_each(code_one);
+    } else if let Some(mut batch) = coder.continuous::<&BatchNote>(args.llm_batch) {
+        let mut pending = todo.iter();
+        loop {
+            while batch.has_room() {
+                let Some(note) = pending.next() else {
+                    break;
+                };
+                if let Err(refused) = batch.admit(&note.id, &note.text, note) {
+                    let (note, error) = *refused;
+                    write(note, Err(error.into()));
+                }
+            }
+            if batch.is_idle() {
+                break;
+            }
+            for (note, result) in batch.step(|_| false) {
+                write(note, result.map_err(Into::into));
+            }
+        }
     } else {
         todo.iter().for_each(code_one);
     }
