@@ -322,49 +322,6 @@ impl Coder {
         Ok(prediction)
     }
 
-    /// Several notes at once: the llm engine generates their prompts together, `max_batch` at
-    /// a time (stopping when `cancelled` says so); the other engines code them one by one.
-    /// One result per note, in order.
-    pub fn code_batch(
-        &self,
-        notes: &[(&str, &str)],
-        max_batch: usize,
-        cancelled: &(dyn Fn() -> bool + Sync),
-    ) -> Vec<Result<NotePrediction, CodingError>> {
-        let Engine::Llm(engine) = &self.engine else {
-            return notes
-                .iter()
-                .map(|(id, text)| self.code_unless_cancelled(id, text, cancelled))
-                .collect();
-        };
-        let describe = describer(self.kb.as_deref());
-        let (blank, to_code): (Vec<_>, Vec<_>) = notes
-            .iter()
-            .enumerate()
-            .partition(|(_, (_, text))| text.trim().is_empty());
-        let coded: Vec<(&str, &str)> = to_code.iter().map(|(_, note)| **note).collect();
-        let mut results: Vec<Option<Result<NotePrediction, CodingError>>> =
-            notes.iter().map(|_| None).collect();
-        for (i, (id, _)) in blank {
-            results[i] = Some(Err(CodingError::Input {
-                what: format!("note {id}"),
-                why: "empty text".into(),
-            }));
-        }
-        let answers = engine.predict_batch(&coded, &describe, max_batch, cancelled);
-        for ((i, _), answer) in to_code.into_iter().zip(answers) {
-            results[i] = Some(answer.map(|mut prediction| {
-                self.annotate(&mut prediction);
-                prediction
-            }));
-        }
-        results
-            .into_iter()
-            .zip(notes)
-            .map(|(r, (id, _))| r.unwrap_or_else(|| Err(CodingError::Cancelled(id.to_string()))))
-            .collect()
-    }
-
     /// With the llm engine: an empty continuous batch coding notes as they arrive (at most
     /// `max_rows` chunks generated together); `None` with the other engines.
     pub fn continuous<T>(&self, max_rows: usize) -> Option<ContinuousNotes<'_, T>> {
@@ -387,7 +344,7 @@ impl Coder {
         }
     }
 
-    /// Whether notes are best coded together ([`Self::code_batch`]): the llm engine.
+    /// Whether notes are best coded together ([`Self::continuous`]): the llm engine.
     pub fn batches(&self) -> bool {
         matches!(self.engine, Engine::Llm(_))
     }

@@ -124,73 +124,6 @@ impl LlmEngine {
         Ok(self.prediction(id, text, per_chunk, describe, started))
     }
 
-    /// Several notes generated together, `max_batch` prompts (chunks) at a time, each under
-    /// its own constrained decoding: the same codes as [`Self::predict`] one by one, in less
-    /// time. One result per note, in order; a note that fails does not fail the others.
-    pub fn predict_batch(
-        &self,
-        notes: &[(&str, &str)],
-        describe: &CodeDescriber<'_>,
-        max_batch: usize,
-        cancelled: &(dyn Fn() -> bool + Sync),
-    ) -> Vec<Result<NotePrediction, CodingError>> {
-        let started = Instant::now();
-        // Every chunk's request, tagged with its note.
-        let mut results: Vec<Result<Vec<ChunkCodes>, CodingError>> =
-            Vec::with_capacity(notes.len());
-        let mut requests = Vec::new();
-        for (n, (id, text)) in notes.iter().enumerate() {
-            let chunk_requests = self.chunks(id, text).and_then(|chunks| {
-                chunks
-                    .iter()
-                    .map(|chunk| self.request(id, &chunk.text))
-                    .collect::<Result<Vec<_>, _>>()
-            });
-            match chunk_requests {
-                Ok(list) => {
-                    results.push(Ok(vec![Vec::new(); list.len()]));
-                    requests.extend(list.into_iter().enumerate().map(|(c, r)| (n, c, r)));
-                }
-                Err(error) => results.push(Err(error)),
-            }
-        }
-        let mut pending = requests.into_iter().peekable();
-        while pending.peek().is_some() {
-            let group: Vec<_> = pending.by_ref().take(max_batch.max(1)).collect();
-            let (tags, (requests, processors)): (Vec<_>, (Vec<_>, Vec<_>)) = group
-                .into_iter()
-                .map(|(n, c, (request, processor))| ((n, c), (request, vec![processor])))
-                .unzip();
-            let generated =
-                medcoder_infer::generate_batch_with(&self.model, requests, processors, || {
-                    !cancelled()
-                });
-            for (i, (n, c)) in tags.into_iter().enumerate() {
-                let answer = match &generated {
-                    Err(error) => Err(CodingError::Invalid(format!(
-                        "note {}: {error}",
-                        notes[n].0
-                    ))),
-                    Ok(_) if cancelled() => Err(CodingError::Cancelled(notes[n].0.to_string())),
-                    Ok(generations) => Ok(self.scored(&generations[i])),
-                };
-                if let Ok(per_chunk) = &mut results[n] {
-                    match answer {
-                        Ok(codes) => per_chunk[c] = codes,
-                        Err(error) => results[n] = Err(error),
-                    }
-                }
-            }
-        }
-        results
-            .into_iter()
-            .zip(notes)
-            .map(|(per_chunk, (id, text))| {
-                Ok(self.prediction(id, text, per_chunk?, describe, started))
-            })
-            .collect()
-    }
-
     /// The codes of each chunk merged in chunk order, each ranked where it first appeared, with
     /// the highest confidence a chunk gave it and, as evidence, the note's sentence that shares
     /// the most words with the code's description (the model writes codes only).
@@ -580,41 +513,6 @@ mod tests {
         }
         cancelled.sort();
         assert_eq!(cancelled, vec![("a", false), ("c", true)]);
-    }
-
-    #[test]
-    fn notes_generated_together_get_the_codes_they_get_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(dir.path(), 64);
-        let no_description = |_: &str, _: CodeKind| None;
-        let long = long_note();
-        let notes: Vec<(&str, &str)> = vec![
-            ("a", "Fever and cough."),
-            ("b", long.as_str()),
-            ("c", "Type 2 diabetes."),
-            ("d", "Fracture of the femur after a fall."),
-        ];
-        let alone: Vec<NotePrediction> = notes
-            .iter()
-            .map(|(id, text)| engine.predict(id, text, &no_description).unwrap())
-            .collect();
-        let written: usize = alone
-            .iter()
-            .map(|p| p.diagnoses.len() + p.procedures.len())
-            .sum();
-        assert!(
-            written > 0,
-            "the tiny model wrote no code: nothing compared"
-        );
-        let together = engine.predict_batch(&notes, &no_description, 3, &|| false);
-        assert_eq!(together.len(), notes.len());
-        for (one, batched) in alone.iter().zip(together) {
-            assert_same_codes(&batched.unwrap(), one);
-        }
-        let cancelled = engine.predict_batch(&notes, &no_description, 3, &|| true);
-        assert!(cancelled
-            .iter()
-            .all(|r| matches!(r, Err(CodingError::Cancelled(_)))));
     }
 
     #[test]
