@@ -375,9 +375,6 @@ impl RetrievalIndex {
             )));
         }
         index.derive_tables();
-        if let Some(semantic) = &mut index.semantic {
-            semantic.derive_tables();
-        }
         index.mentions.derive_tables();
         Ok(index)
     }

@@ -22,10 +22,12 @@ pub mod nf4;
 pub mod parameters;
 pub mod qmatmul_cpu;
 pub mod recompute;
+pub mod row_dots;
 pub mod sentence_embedder;
 mod tokenizer;
 pub mod transformer;
 pub mod weights;
+mod word_token_cache;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use error::ModelError;

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::bert::{mean_pool, BertModel, Config};
 use crate::error::{CandleContext, ModelError};
+use crate::word_token_cache::WordTokenCache;
 
 /// Sequences encoded together; sorted by length first, so little of a batch is padding.
 const BATCH: usize = 32;
@@ -38,6 +39,8 @@ pub struct SentenceEmbedder {
     /// When distilled ([`Self::distilled`]): one vector per vocabulary id, `dimension` wide,
     /// and texts are embedded as the normalised sum of their tokens' vectors.
     token_vectors: Option<Vec<f32>>,
+    /// With the token vectors, where the tokenizer allows it: token ids per word.
+    word_ids: Option<WordTokenCache>,
 }
 
 /// Tensor name of the distilled token vectors in their cache file.
@@ -109,6 +112,7 @@ impl SentenceEmbedder {
             max_tokens,
             source: dir.to_path_buf(),
             token_vectors: None,
+            word_ids: None,
         })
     }
 
@@ -155,6 +159,7 @@ impl SentenceEmbedder {
             }
         };
         self.token_vectors = Some(vectors);
+        self.word_ids = WordTokenCache::for_tokenizer(&self.tokenizer);
         Ok(self)
     }
 
@@ -214,24 +219,33 @@ impl SentenceEmbedder {
         let dim = self.dimension();
         // One text after another: a note's sentences are short, and the callers already code
         // notes in parallel (a batch would spread each note over the thread pool again).
-        let encodings = texts
+        let tokenizer_error = |e: tokenizers::Error| ModelError::Tokenizer(e.to_string());
+        let mut ids = Vec::new();
+        texts
             .iter()
-            .map(|text| self.tokenizer.encode(*text, false))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(encodings
-            .iter()
-            .map(|encoding| {
+            .map(|text| {
+                ids.clear();
+                match &self.word_ids {
+                    Some(cache) => cache
+                        .ids(&self.tokenizer, text, &mut ids)
+                        .map_err(tokenizer_error)?,
+                    None => ids.extend_from_slice(
+                        self.tokenizer
+                            .encode(*text, false)
+                            .map_err(tokenizer_error)?
+                            .get_ids(),
+                    ),
+                }
                 let mut sum = vec![0f32; dim];
-                for &id in encoding.get_ids() {
+                for &id in &ids {
                     if let Some(row) = vectors.get(id as usize * dim..(id as usize + 1) * dim) {
                         sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
                     }
                 }
                 normalize(&mut sum);
-                sum
+                Ok(sum)
             })
-            .collect())
+            .collect()
     }
 
     /// Embedding width (384 for MiniLM-L6).
@@ -326,6 +340,7 @@ fn normalize(v: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::word_token_cache::WordTokenCache;
 
     /// The installed `minilm-l6` asset, when `medcoder assets fetch` has run.
     fn minilm() -> Option<SentenceEmbedder> {
@@ -420,5 +435,32 @@ mod tests {
         assert!(std::fs::read_dir(cache.parent().unwrap())
             .unwrap()
             .all(|f| !f.unwrap().file_name().to_string_lossy().contains("partial")));
+    }
+
+    #[test]
+    fn word_cache_gives_the_tokenizers_own_ids() {
+        let Some(embedder) = minilm() else { return };
+        let cache = WordTokenCache::for_tokenizer(&embedder.tokenizer)
+            .expect("MiniLM's tokenizer is BERT WordPiece: ids go word by word");
+        let long_word = "supercalifragilisticexpialidocious".repeat(5);
+        let texts = [
+            "Pt. c/o chest pain (3/10), radiating to L arm; BP 140/90 mmHg.",
+            "Café-au-lait spots\tand Ångström\nunits, naïve   reäction",
+            "肺炎 pneumonia, 2nd episode [SEP] not a separator[CLS]x",
+            "zero\u{200b}width and \u{7}bell, \u{a0}no-break space, non\u{AD}hyphen",
+            long_word.as_str(),
+            "",
+            "   ",
+        ];
+        for text in texts {
+            let mut ids = Vec::new();
+            // Twice: the second time from the remembered words.
+            for _ in 0..2 {
+                ids.clear();
+                cache.ids(&embedder.tokenizer, text, &mut ids).unwrap();
+                let want = embedder.tokenizer.encode(text, false).unwrap();
+                assert_eq!(ids, want.get_ids(), "{text:?}");
+            }
+        }
     }
 }

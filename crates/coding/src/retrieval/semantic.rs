@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use medcoder_models::row_dots::{dots_with, row_dots};
 use medcoder_models::SentenceEmbedder;
 use serde::{Deserialize, Serialize};
 
@@ -55,10 +55,6 @@ pub(crate) struct SemanticIndex {
     mention_rows: Vec<f32>,
     #[serde(default)]
     mention_of: Vec<(u32, Vec<u32>)>,
-    #[serde(skip)]
-    tensors: Option<(Tensor, Tensor)>,
-    #[serde(skip)]
-    mention_tensor: Option<Tensor>,
 }
 
 /// A note's sentences' embeddings (rows) and its own embedding.
@@ -160,76 +156,58 @@ impl SemanticIndex {
                 mention_of.push((note as u32, codes));
             }
         }
-        let mut index = Self {
+        Ok(Self {
             embedder: embedder_name(embedder),
             dimension: dim,
             notes: notes.iter().flat_map(|n| n.note.iter().copied()).collect(),
             descriptions: table,
             mention_rows,
             mention_of,
-            tensors: None,
-            mention_tensor: None,
-        };
-        index.derive_tables();
-        Ok(index)
-    }
-
-    /// The tensors the matches multiply with (rebuilt after reading the index back).
-    pub fn derive_tables(&mut self) {
-        let dim = self.dimension.max(1);
-        let as_matrix = |v: &[f32]| Tensor::from_slice(v, (v.len() / dim, dim), &Device::Cpu);
-        self.tensors = as_matrix(&self.notes)
-            .and_then(|n| Ok((n, as_matrix(&self.descriptions)?)))
-            .ok();
-        self.mention_tensor = (!self.mention_of.is_empty())
-            .then(|| as_matrix(&self.mention_rows).ok())
-            .flatten();
+        })
     }
 
     /// The note's cosines to every fitted note and every code's description, and the votes of
     /// the mention sentences closest to its sentences (`skip`: a fitted note's left out).
     pub fn match_note(&self, note: &EmbeddedNote, skip: Option<usize>) -> SemanticMatch {
-        let Some((notes, descriptions)) = &self.tensors else {
-            return SemanticMatch::default();
-        };
         let dim = self.dimension;
-        let run = || -> candle_core::Result<SemanticMatch> {
-            let query = Tensor::from_slice(&note.note, (1, dim), &Device::Cpu)?;
-            let to_notes = query.matmul(&notes.t()?)?.squeeze(0)?.to_vec1::<f32>()?;
-            let rows = note.sentences.len() / dim;
-            let to_descriptions = if rows == 0 {
-                vec![0.0; descriptions.dim(0)?]
-            } else {
-                // [sentences, codes] → best sentence per code
-                Tensor::from_slice(&note.sentences, (rows, dim), &Device::Cpu)?
-                    .matmul(&descriptions.t()?)?
-                    .max(0)?
-                    .to_vec1::<f32>()?
-            };
-            let mentions = match &self.mention_tensor {
-                Some(table) if rows > 0 => {
-                    let cosines = Tensor::from_slice(&note.sentences, (rows, dim), &Device::Cpu)?
-                        .matmul(&table.t()?)?
-                        .to_vec2::<f32>()?;
-                    self.mention_votes(&cosines, skip)
-                }
-                _ => MentionMatch::new(),
-            };
-            Ok(SemanticMatch {
-                notes: to_notes,
-                descriptions: to_descriptions,
-                mentions,
-            })
+        if dim == 0 || note.note.len() != dim {
+            return SemanticMatch::default();
+        }
+        let to_notes = dots_with(&self.notes, &note.note);
+        let codes = self.descriptions.len() / dim;
+        let mut cosines = Vec::new();
+        // [sentences, codes] → best sentence per code
+        row_dots(&self.descriptions, &note.sentences, dim, &mut cosines);
+        let to_descriptions = if note.sentences.is_empty() {
+            vec![0.0; codes]
+        } else {
+            let mut best = vec![f32::NEG_INFINITY; codes];
+            for sentence in cosines.chunks_exact(codes.max(1)) {
+                best.iter_mut()
+                    .zip(sentence)
+                    .for_each(|(b, c)| *b = b.max(*c));
+            }
+            best
         };
-        run().unwrap_or_default()
+        let mentions = if self.mention_of.is_empty() || note.sentences.is_empty() {
+            MentionMatch::new()
+        } else {
+            row_dots(&self.mention_rows, &note.sentences, dim, &mut cosines);
+            self.mention_votes(&cosines, skip)
+        };
+        SemanticMatch {
+            notes: to_notes,
+            descriptions: to_descriptions,
+            mentions,
+        }
     }
 
-    /// Each sentence's closest mention sentences (cosines: [sentence][mention row]) vote for
-    /// their codes with a power of their cosine.
-    fn mention_votes(&self, cosines: &[Vec<f32>], skip: Option<usize>) -> MentionMatch {
+    /// Each sentence's closest mention sentences (cosines: [sentence, mention row], row-major)
+    /// vote for their codes with a power of their cosine.
+    fn mention_votes(&self, cosines: &[f32], skip: Option<usize>) -> MentionMatch {
         let mut found = MentionMatch::new();
         let mut rows: Vec<usize> = Vec::new();
-        for (s, sentence) in cosines.iter().enumerate() {
+        for (s, sentence) in cosines.chunks_exact(self.mention_of.len()).enumerate() {
             rows.clear();
             rows.extend(
                 (0..sentence.len())
@@ -274,6 +252,7 @@ impl SemanticIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use medcoder_assets::MedcoderHome;
 
     fn minilm() -> Option<SentenceEmbedder> {
@@ -332,8 +311,6 @@ mod tests {
         // Read back from JSON, the index matches the same.
         let back: SemanticIndex =
             serde_json::from_str(&serde_json::to_string(&index).unwrap()).unwrap();
-        let mut back = back;
-        back.derive_tables();
         assert_eq!(back.match_text(&embedder, query).unwrap().notes, m.notes);
     }
 }

@@ -1,0 +1,223 @@
+//! Dot products of a few query vectors with every row of a large row-major table (sentence
+//! embeddings against thousands of stored ones): `out[q][r] = query q · row r`.
+//!
+//! A general matmul packs the table into its own layout on every call; for a handful of
+//! queries that packing costs more than the products (the retrieval engine spent twice as
+//! long packing as multiplying). Here the table is read once, in place: four rows at a time
+//! against two queries at a time, eight running sums in registers (AVX2 + FMA where the CPU
+//! has them, checked at run time; elsewhere a portable loop the compiler vectorises).
+
+#![allow(unsafe_code)]
+
+/// `out[q * rows + r] = queries[q] · table[r]`, with `table` (`rows × dim`) and `queries`
+/// (`n × dim`) row-major. `out` is resized to `n × rows`.
+pub fn row_dots(table: &[f32], queries: &[f32], dim: usize, out: &mut Vec<f32>) {
+    assert!(dim > 0, "row_dots: zero dimension");
+    assert!(
+        table.len().is_multiple_of(dim) && queries.len().is_multiple_of(dim),
+        "row_dots: table ({}) or queries ({}) not a whole number of rows of {dim}",
+        table.len(),
+        queries.len()
+    );
+    let rows = table.len() / dim;
+    out.clear();
+    out.resize(queries.len() / dim * rows, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { avx2::row_dots(table, queries, dim, out) };
+        return;
+    }
+    portable_row_dots(table, queries, dim, out);
+}
+
+/// The same for one query: its dot product with every row.
+pub fn dots_with(table: &[f32], query: &[f32]) -> Vec<f32> {
+    let mut out = Vec::new();
+    row_dots(table, query, query.len().max(1), &mut out);
+    out
+}
+
+fn portable_row_dots(table: &[f32], queries: &[f32], dim: usize, out: &mut [f32]) {
+    let rows = table.len() / dim;
+    for (q, query) in queries.chunks_exact(dim).enumerate() {
+        for (r, row) in table.chunks_exact(dim).enumerate() {
+            out[q * rows + r] = portable_dot(query, row);
+        }
+    }
+}
+
+/// Eight independent sums, so that the loop vectorises without reassociating floats.
+fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let mut a_chunks = a.chunks_exact(8);
+    let mut b_chunks = b.chunks_exact(8);
+    for (x, y) in (&mut a_chunks).zip(&mut b_chunks) {
+        for i in 0..8 {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    sums.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Rows taken together: each query chunk loaded once serves four rows.
+    const ROW_BLOCK: usize = 4;
+
+    /// [`super::row_dots`]'s loop. Safety: the CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn row_dots(table: &[f32], queries: &[f32], dim: usize, out: &mut [f32]) {
+        let rows = table.len() / dim;
+        let n = queries.len() / dim;
+        let mut r = 0;
+        while r + ROW_BLOCK <= rows {
+            let block = &table[r * dim..(r + ROW_BLOCK) * dim];
+            let mut q = 0;
+            while q + 2 <= n {
+                let pair = &queries[q * dim..(q + 2) * dim];
+                let [first, second] = dot_4x2(block, pair, dim);
+                out[q * rows + r..q * rows + r + ROW_BLOCK].copy_from_slice(&first);
+                out[(q + 1) * rows + r..(q + 1) * rows + r + ROW_BLOCK].copy_from_slice(&second);
+                q += 2;
+            }
+            if q < n {
+                let query = &queries[q * dim..(q + 1) * dim];
+                for (i, row) in block.chunks_exact(dim).enumerate() {
+                    out[q * rows + r + i] = dot(row, query);
+                }
+            }
+            r += ROW_BLOCK;
+        }
+        for (i, row) in table[r * dim..].chunks_exact(dim).enumerate() {
+            for (q, query) in queries.chunks_exact(dim).enumerate() {
+                out[q * rows + r + i] = dot(row, query);
+            }
+        }
+    }
+
+    /// Four rows (`block`, 4 × dim) against two queries (`pair`, 2 × dim).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_4x2(block: &[f32], pair: &[f32], dim: usize) -> [[f32; 4]; 2] {
+        let full = dim / 8 * 8;
+        let rp = block.as_ptr();
+        let qp = pair.as_ptr();
+        let mut acc0 = [_mm256_setzero_ps(); 4];
+        let mut acc1 = [_mm256_setzero_ps(); 4];
+        let mut d = 0;
+        while d < full {
+            // SAFETY: d + 8 <= dim, so every load stays inside its row.
+            let q0 = _mm256_loadu_ps(qp.add(d));
+            let q1 = _mm256_loadu_ps(qp.add(dim + d));
+            for (i, (a0, a1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+                let row = _mm256_loadu_ps(rp.add(i * dim + d));
+                *a0 = _mm256_fmadd_ps(row, q0, *a0);
+                *a1 = _mm256_fmadd_ps(row, q1, *a1);
+            }
+            d += 8;
+        }
+        let mut result = [[0f32; 4]; 2];
+        for (q, sums) in [acc0, acc1].iter().enumerate() {
+            for (i, sum) in sums.iter().enumerate() {
+                let tail: f32 = (full..dim)
+                    .map(|k| block[i * dim + k] * pair[q * dim + k])
+                    .sum();
+                result[q][i] = horizontal_sum(*sum) + tail;
+            }
+        }
+        result
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let dim = a.len().min(b.len());
+        let full = dim / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        let mut d = 0;
+        while d < full {
+            // SAFETY: d + 8 <= dim.
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(d)),
+                _mm256_loadu_ps(b.as_ptr().add(d)),
+                acc,
+            );
+            d += 8;
+        }
+        horizontal_sum(acc) + (full..dim).map(|k| a[k] * b[k]).sum::<f32>()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn horizontal_sum(v: __m256) -> f32 {
+        let halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exact(table: &[f32], queries: &[f32], dim: usize) -> Vec<f64> {
+        queries
+            .chunks_exact(dim)
+            .flat_map(|q| {
+                table.chunks_exact(dim).map(move |r| {
+                    q.iter()
+                        .zip(r)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum()
+                })
+            })
+            .collect()
+    }
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_query_row_pair_is_its_dot_product() {
+        // Block edges: rows and queries not multiples of the blocks, dims with and without
+        // an 8-lane tail, one row, one query.
+        for (rows, queries, dim) in [(13, 5, 384), (4, 2, 8), (7, 3, 13), (1, 1, 3), (9, 1, 40)] {
+            let table = pseudo_random(rows * dim, rows as u32);
+            let qs = pseudo_random(queries * dim, dim as u32);
+            let mut out = vec![7.0; 3];
+            row_dots(&table, &qs, dim, &mut out);
+            let want = exact(&table, &qs, dim);
+            assert_eq!(out.len(), want.len());
+            for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(*got) - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "rows {rows} queries {queries} dim {dim} at {i}: {got} vs {want}"
+                );
+            }
+            let mut portable = vec![0.0; want.len()];
+            portable_row_dots(&table, &qs, dim, &mut portable);
+            for (a, b) in portable.iter().zip(&out) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()));
+            }
+        }
+        assert_eq!(dots_with(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0]), [3.0, 7.0]);
+        let mut out = vec![1.0];
+        row_dots(&[], &[1.0, 2.0], 2, &mut out);
+        assert!(out.is_empty());
+    }
+}
