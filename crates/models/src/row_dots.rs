@@ -4,7 +4,7 @@
 //! A general matmul packs the table into its own layout on every call; for a handful of
 //! queries that packing costs more than the products (the retrieval engine spent twice as
 //! long packing as multiplying). Here the table is read once, in place: four rows at a time
-//! against two queries at a time, eight running sums in registers (AVX2 + FMA where the CPU
+//! against three queries at a time, twelve running sums in registers (AVX2 + FMA where the CPU
 //! has them, checked at run time; elsewhere a portable loop the compiler vectorises).
 
 #![allow(unsafe_code)]
@@ -70,8 +70,9 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Rows taken together: each query chunk loaded once serves four rows.
+    /// Rows and queries taken together: each chunk loaded serves three or four products.
     const ROW_BLOCK: usize = 4;
+    const QUERY_BLOCK: usize = 3;
 
     /// [`super::row_dots`]'s loop. Safety: the CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -82,17 +83,17 @@ mod avx2 {
         while r + ROW_BLOCK <= rows {
             let block = &table[r * dim..(r + ROW_BLOCK) * dim];
             let mut q = 0;
-            while q + 2 <= n {
-                let pair = &queries[q * dim..(q + 2) * dim];
-                let [first, second] = dot_4x2(block, pair, dim);
-                out[q * rows + r..q * rows + r + ROW_BLOCK].copy_from_slice(&first);
-                out[(q + 1) * rows + r..(q + 1) * rows + r + ROW_BLOCK].copy_from_slice(&second);
-                q += 2;
+            while q + QUERY_BLOCK <= n {
+                let sums = dot_block(block, &queries[q * dim..(q + QUERY_BLOCK) * dim], dim);
+                for (j, row_sums) in sums.iter().enumerate() {
+                    let at = (q + j) * rows + r;
+                    out[at..at + ROW_BLOCK].copy_from_slice(row_sums);
+                }
+                q += QUERY_BLOCK;
             }
-            if q < n {
-                let query = &queries[q * dim..(q + 1) * dim];
+            for (j, query) in queries[q * dim..].chunks_exact(dim).enumerate() {
                 for (i, row) in block.chunks_exact(dim).enumerate() {
-                    out[q * rows + r + i] = dot(row, query);
+                    out[(q + j) * rows + r + i] = dot(row, query);
                 }
             }
             r += ROW_BLOCK;
@@ -104,33 +105,37 @@ mod avx2 {
         }
     }
 
-    /// Four rows (`block`, 4 × dim) against two queries (`pair`, 2 × dim).
+    /// [`ROW_BLOCK`] rows (`block`) against [`QUERY_BLOCK`] queries (`group`): twelve
+    /// running sums, seven loads per twelve multiply-adds.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_4x2(block: &[f32], pair: &[f32], dim: usize) -> [[f32; 4]; 2] {
+    unsafe fn dot_block(
+        block: &[f32],
+        group: &[f32],
+        dim: usize,
+    ) -> [[f32; ROW_BLOCK]; QUERY_BLOCK] {
         let full = dim / 8 * 8;
         let rp = block.as_ptr();
-        let qp = pair.as_ptr();
-        let mut acc0 = [_mm256_setzero_ps(); 4];
-        let mut acc1 = [_mm256_setzero_ps(); 4];
+        let qp = group.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); ROW_BLOCK]; QUERY_BLOCK];
         let mut d = 0;
         while d < full {
             // SAFETY: d + 8 <= dim, so every load stays inside its row.
-            let q0 = _mm256_loadu_ps(qp.add(d));
-            let q1 = _mm256_loadu_ps(qp.add(dim + d));
-            for (i, (a0, a1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+            let q = [0, 1, 2].map(|j| _mm256_loadu_ps(qp.add(j * dim + d)));
+            for i in 0..ROW_BLOCK {
                 let row = _mm256_loadu_ps(rp.add(i * dim + d));
-                *a0 = _mm256_fmadd_ps(row, q0, *a0);
-                *a1 = _mm256_fmadd_ps(row, q1, *a1);
+                for j in 0..QUERY_BLOCK {
+                    acc[j][i] = _mm256_fmadd_ps(row, q[j], acc[j][i]);
+                }
             }
             d += 8;
         }
-        let mut result = [[0f32; 4]; 2];
-        for (q, sums) in [acc0, acc1].iter().enumerate() {
+        let mut result = [[0f32; ROW_BLOCK]; QUERY_BLOCK];
+        for (j, sums) in acc.iter().enumerate() {
             for (i, sum) in sums.iter().enumerate() {
                 let tail: f32 = (full..dim)
-                    .map(|k| block[i * dim + k] * pair[q * dim + k])
+                    .map(|k| block[i * dim + k] * group[j * dim + k])
                     .sum();
-                result[q][i] = horizontal_sum(*sum) + tail;
+                result[j][i] = horizontal_sum(*sum) + tail;
             }
         }
         result
