@@ -22,7 +22,7 @@ use crate::llm::LlmEngine;
 use crate::llm_continuous::{Answered, ContinuousCoding, Refused};
 use crate::model_answer::AllowedSet;
 use crate::openai::{OpenaiConfig, OpenaiEngine};
-use crate::prediction::CodeDescriber;
+use crate::prediction::{CodeDescriber, DescriptionCache};
 use crate::retrieval::{FitAids, GoldMention, LabelledNote, RetrievalIndex};
 use crate::{CodeKind, CodingError, NotePrediction};
 
@@ -202,7 +202,7 @@ impl<T> ContinuousNotes<'_, T> {
 
     /// One step of the batch (see [`ContinuousCoding::step`]): the notes answered since.
     pub fn step(&mut self, cancelled: impl Fn(&T) -> bool) -> Vec<Answered<T>> {
-        let describe = describer(self.coder.kb.as_deref());
+        let describe = self.coder.describer();
         let mut answered = self.coding.step(&describe, cancelled);
         for (_, result) in &mut answered {
             if let Ok(prediction) = result {
@@ -217,6 +217,7 @@ impl<T> ContinuousNotes<'_, T> {
 pub struct Coder {
     engine: Engine,
     kb: Option<Arc<IcdKnowledge>>,
+    descriptions: DescriptionCache,
     /// What the engine is, for `/v1/model` and logs.
     pub description: String,
     pub kind: EngineKind,
@@ -282,6 +283,7 @@ impl Coder {
         Ok(Self {
             engine,
             kb,
+            descriptions: DescriptionCache::default(),
             description,
             kind: config.engine,
         })
@@ -307,7 +309,7 @@ impl Coder {
                 why: "empty text".into(),
             });
         }
-        let describe = describer(self.kb.as_deref());
+        let describe = self.describer();
         let mut prediction = match &self.engine {
             Engine::Retrieval(index, embedder) => {
                 let lexicon = self.kb.as_deref().map(|kb| kb as &dyn Lexicon);
@@ -336,6 +338,11 @@ impl Coder {
 
     /// What the code sets add to an engine's prediction: guideline warnings and their
     /// editions.
+    /// The code sets' descriptions, each code looked up once.
+    fn describer(&self) -> impl Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + '_ {
+        move |code, _kind| self.descriptions.describe(self.kb.as_deref()?, code)
+    }
+
     fn annotate(&self, prediction: &mut NotePrediction) {
         if let Some(kb) = &self.kb {
             let warnings = guideline_warnings(kb, prediction);

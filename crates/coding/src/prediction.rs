@@ -1,9 +1,12 @@
 //! What an engine returns for one note, as `medcoder code` writes it (one JSON object per note)
 //! and `medcoder eval` reads it back.
 
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::Path;
+use std::sync::RwLock;
 
+use medcoder_icd::IcdKnowledge;
 use serde::{Deserialize, Serialize};
 
 use crate::assertion::Assertion;
@@ -72,6 +75,33 @@ impl NotePrediction {
 
 /// A code's description and billable flag where the code set knows it.
 pub type CodeDescriber<'a> = dyn Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + 'a;
+
+/// Codes remembered by [`DescriptionCache`] at most (every CM and PCS code would be ~170k).
+const DESCRIPTIONS_REMEMBERED: usize = 50_000;
+
+/// Descriptions already looked up, by code as the engine wrote it. An engine's rankings repeat
+/// the same few thousand codes, and a look-up parses the code and searches both code sets
+/// (more for a code they lack, which is answered with a nearest-code hint).
+#[derive(Debug, Default)]
+pub(crate) struct DescriptionCache {
+    known: RwLock<HashMap<Box<str>, Option<(String, bool)>>>,
+}
+
+impl DescriptionCache {
+    pub fn describe(&self, kb: &IcdKnowledge, code: &str) -> Option<(String, bool)> {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = known.get(code) {
+            return found.clone();
+        }
+        drop(known);
+        let found = kb.describe(code).ok();
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        if known.len() < DESCRIPTIONS_REMEMBERED {
+            known.insert(code.into(), found.clone());
+        }
+        found
+    }
+}
 
 #[derive(
     Debug,

@@ -35,9 +35,13 @@ pub struct ServeBenchArgs {
     /// Seconds of the warm-up run (RSS is read after it).
     #[arg(long, default_value_t = 5)]
     warmup_s: u64,
-    /// Seconds of the measured run.
+    /// Seconds of the measured run, at least (longer where the warm-up's rate says the server
+    /// would not reach --min-requests in all).
     #[arg(long, default_value_t = 30)]
     duration_s: u64,
+    /// Requests served in all (warm-up and measured run) before the second RSS reading.
+    #[arg(long, default_value_t = 10_000)]
+    min_requests: u64,
     #[arg(long)]
     json: bool,
 }
@@ -120,7 +124,11 @@ pub fn run(args: ServeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode
     let wrk = |seconds: u64| run_wrk(&url, &script, args.connections, args.wrk_threads, seconds);
     let warmup = wrk(args.warmup_s)?;
     let rss_after_warmup_mib = current_rss_mib();
-    let measured = wrk(args.duration_s)?;
+    // Long enough for --min-requests in all at the warm-up's rate, with a tenth to spare (ten
+    // minutes at most: the report says how many were served).
+    let missing = args.min_requests.saturating_sub(warmup.requests) as f64;
+    let needed_s = ((1.1 * missing / warmup.requests_per_s.max(1.0)).ceil() as u64).min(600);
+    let measured = wrk(args.duration_s.max(needed_s))?;
     let rss_after_measured_mib = current_rss_mib();
     let requests_served = state.metrics_notes_coded();
     let _ = stop.send(());
