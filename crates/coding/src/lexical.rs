@@ -3,7 +3,7 @@
 //! abbreviations); a code's score is the sum over sentences of its hits' scores relative to
 //! each sentence's best. This finds codes no training note carries.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use medcoder_icd::{CodeSystem, IcdKnowledge, SearchFilter};
 

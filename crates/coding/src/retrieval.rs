@@ -11,7 +11,7 @@
 //! list. Evidence: the note's sentence that best matches the code's description, else the
 //! sentence that matched one of its annotated mentions.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::time::Instant;
 
 use rayon::prelude::*;

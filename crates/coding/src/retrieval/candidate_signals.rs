@@ -1,7 +1,7 @@
 //! The retrieval engine's candidate signals beyond the TF-IDF neighbours and centroids: the
 //! sentence-embedding neighbours and description matches, and the mention windows' votes.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use super::mentions::{MentionMatch, MentionScore};
 use super::semantic::SemanticMatch;

@@ -11,7 +11,7 @@
 //! occur in the English text, such a word lies in the placed sentence or its neighbours).
 //! The window's margin absorbs part of that drift.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use serde::{Deserialize, Serialize};
 

@@ -12,7 +12,7 @@
 //! `M` is derived when the index is built or loaded (it is never saved): an n×n inverse,
 //! so the ridge is kept only up to [`MAX_RIDGE_NOTES`] fitted notes.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use rayon::prelude::*;
 

@@ -190,7 +190,7 @@ impl SemanticIndex {
             best
         };
         let mentions = if self.mention_of.is_empty() || note.sentences.is_empty() {
-            MentionMatch::new()
+            MentionMatch::default()
         } else {
             row_dots(&self.mention_rows, &note.sentences, dim, &mut cosines);
             self.mention_votes(&cosines, skip)
@@ -205,7 +205,7 @@ impl SemanticIndex {
     /// Each sentence's closest mention sentences (cosines: [sentence, mention row], row-major)
     /// vote for their codes with a power of their cosine.
     fn mention_votes(&self, cosines: &[f32], skip: Option<usize>) -> MentionMatch {
-        let mut found = MentionMatch::new();
+        let mut found = MentionMatch::default();
         let mut rows: Vec<usize> = Vec::new();
         for (s, sentence) in cosines.chunks_exact(self.mention_of.len()).enumerate() {
             rows.clear();
