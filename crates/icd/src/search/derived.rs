@@ -21,30 +21,38 @@ fn lone_coverage(essential: u16) -> f32 {
     1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * coverage
 }
 
-/// A text in a term's list, with what deciding on it mostly needs: lists are read in order,
-/// texts' own records are not (most texts a query reads are passed over on these alone).
+/// A text in a term's list, with what deciding on it needs: lists are read in order, texts'
+/// own records are not (most texts a query reads are passed over on these alone, and reading
+/// a text's record was the search's costliest cache miss).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Listed {
     pub doc: u32,
     /// The text's bound times the coverage factor of a text that holds one query term.
     pub lone_bound: f32,
+    /// Its weight times the largest `tf (K1 + 1) / (tf + K1 norm)` of its terms: this times
+    /// the sum of `weight × idf` of the query terms it may hold bounds its score.
+    pub bound: f32,
+    pub essential: u16,
+    pub is_pcs: bool,
     /// The bits of its terms' [`signature_bit`]s. A term whose bit is not set is not in the
     /// text; one whose bit is set may be.
     pub signature: [u64; 2],
 }
 
-/// What the search reads of a text to decide on it once its listing allows, and to score it.
-#[derive(Debug, Clone, Copy, Default)]
-#[repr(align(16))]
+/// What scoring a text reads, in one record (one cache miss, not one per table).
+#[derive(Debug, Clone, Copy)]
+#[repr(align(32))]
 pub(super) struct TextInfo {
-    /// Its weight times the largest `tf (K1 + 1) / (tf + K1 norm)` of its terms: this times
-    /// the sum of `weight × idf` of the query terms it may hold bounds its score.
-    pub bound: f32,
     /// `K1 * norm`, BM25's length normalization.
     pub k1_norm: f32,
+    /// The index's `doc_weight`.
+    pub weight: f32,
+    /// Where its terms are in `text_terms`.
+    terms: (u32, u32),
     /// Distinct essential terms (the index's `doc_essential`).
     pub essential: u16,
-    pub is_pcs: bool,
+    /// The code it is a text of.
+    pub code: DocRef,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,8 +61,6 @@ pub(super) struct Derived {
     pub id: u64,
     /// Per text.
     pub texts: Vec<TextInfo>,
-    /// Per text: where its terms start in `text_terms` (one more entry than texts).
-    text_terms_start: Vec<u32>,
     /// Each text's (term, term frequency), sorted by term: the postings turned around.
     text_terms: Vec<(u32, f32)>,
     /// Per term: the largest `tf (K1 + 1) / (tf + K1 norm)` of its postings, so that
@@ -73,14 +79,7 @@ pub(super) struct Derived {
 
 impl Derived {
     pub fn new(index: &SearchIndex, cm: &CmCodeSet) -> Self {
-        let mut texts: Vec<TextInfo> = (0..index.docs.len())
-            .map(|doc| TextInfo {
-                bound: 0.0,
-                k1_norm: K1 * (1.0 - B + B * index.doc_len[doc] / index.avg_len),
-                essential: index.doc_essential[doc],
-                is_pcs: matches!(index.docs[doc], DocRef::Pcs(_)),
-            })
-            .collect();
+        let k1_norm = |doc: usize| K1 * (1.0 - B + B * index.doc_len[doc] / index.avg_len);
         let mut counts = vec![0u32; index.docs.len() + 1];
         for postings in &index.postings {
             for &(doc, _) in postings {
@@ -91,10 +90,20 @@ impl Derived {
         for i in 1..text_terms_start.len() {
             text_terms_start[i] += text_terms_start[i - 1];
         }
-        let mut fill = text_terms_start.clone();
-        let total = text_terms_start.last().copied().unwrap_or(0) as usize;
+        let texts: Vec<TextInfo> = (0..index.docs.len())
+            .map(|doc| TextInfo {
+                k1_norm: k1_norm(doc),
+                weight: index.doc_weight[doc],
+                terms: (text_terms_start[doc], text_terms_start[doc + 1]),
+                essential: index.doc_essential[doc],
+                code: index.docs[doc],
+            })
+            .collect();
+        let mut fill = text_terms_start;
+        let total = fill.last().copied().unwrap_or(0) as usize;
         let mut text_terms = vec![(0u32, 0f32); total];
         let mut term_max = Vec::with_capacity(index.postings.len());
+        let mut bounds = vec![0f32; index.docs.len()];
         let mut signatures = vec![[0u64; 2]; index.docs.len()];
         for (term, postings) in index.postings.iter().enumerate() {
             let mut max = 0f32;
@@ -102,10 +111,11 @@ impl Derived {
                 let slot = &mut fill[doc as usize];
                 text_terms[*slot as usize] = (term as u32, tf);
                 *slot += 1;
-                let text = &mut texts[doc as usize];
+                let text = &texts[doc as usize];
                 let factor = tf * (K1 + 1.0) / (tf + text.k1_norm);
                 max = max.max(factor);
-                text.bound = text.bound.max(factor * index.doc_weight[doc as usize]);
+                let bound = &mut bounds[doc as usize];
+                *bound = bound.max(factor * text.weight);
                 let (word, bit) = signature_bit(term as u32);
                 signatures[doc as usize][word] |= bit;
             }
@@ -117,10 +127,13 @@ impl Derived {
         for postings in &index.postings {
             let start = by_lone_bound.len();
             by_lone_bound.extend(postings.iter().map(|&(doc, _)| {
-                let text = &texts[doc as usize];
+                let (text, bound) = (&texts[doc as usize], bounds[doc as usize]);
                 Listed {
                     doc,
-                    lone_bound: text.bound * lone_coverage(text.essential),
+                    lone_bound: bound * lone_coverage(text.essential),
+                    bound,
+                    essential: text.essential,
+                    is_pcs: matches!(text.code, DocRef::Pcs(_)),
                     signature: signatures[doc as usize],
                 }
             }));
@@ -151,7 +164,6 @@ impl Derived {
         Self {
             id: INDEXES.fetch_add(1, Ordering::Relaxed),
             texts,
-            text_terms_start,
             text_terms,
             term_max,
             term_start,
@@ -162,10 +174,8 @@ impl Derived {
     }
 
     /// A text's (term, term frequency), sorted by term.
-    pub fn terms_of(&self, doc: u32) -> &[(u32, f32)] {
-        let start = self.text_terms_start[doc as usize] as usize;
-        let end = self.text_terms_start[doc as usize + 1] as usize;
-        &self.text_terms[start..end]
+    pub fn terms_of(&self, text: &TextInfo) -> &[(u32, f32)] {
+        &self.text_terms[text.terms.0 as usize..text.terms.1 as usize]
     }
 
     /// The texts a term is in with their lone bounds, highest first.

@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 
-use super::derived::{signature_bit, Derived};
+use super::derived::{signature_bit, Derived, Listed};
 use super::query::Analyzer;
 use super::scratch::Scratch;
 use super::{
@@ -60,7 +60,6 @@ struct QueryTerm {
 }
 
 struct Query<'a> {
-    index: &'a SearchIndex,
     derived: &'a Derived,
     cm: &'a CmCodeSet,
     filter: SearchFilter,
@@ -141,7 +140,6 @@ pub(super) fn search(
         terms_at_bit[word * 64 + bit.trailing_zeros() as usize] |= 1 << position;
     }
     let query = Query {
-        index,
         derived,
         cm,
         filter,
@@ -270,7 +268,7 @@ impl Query<'_> {
                 if self.most_listed(listed.lone_bound, maybe, boost) < kth {
                     continue;
                 }
-                if self.most(doc, maybe, pcs_boost) >= kth {
+                if self.most(listed, maybe, pcs_boost) >= kth {
                     self.score_text(scratch, doc, Some(maybe));
                 }
             }
@@ -307,9 +305,8 @@ impl Query<'_> {
     }
 
     /// The most a text's code can score, holding at most the query terms `maybe`.
-    fn most(&self, doc: u32, maybe: u64, pcs_boost: f32) -> f32 {
+    fn most(&self, text: &Listed, maybe: u64, pcs_boost: f32) -> f32 {
         let (idf_sum, weight, count) = self.sums(maybe);
-        let text = &self.derived.texts[doc as usize];
         let essential = f32::from(text.essential.max(1));
         let coverage = (count / essential).min(1.0);
         let answered = (weight / self.query_weight.max(1.0)).min(1.0);
@@ -339,8 +336,9 @@ impl Query<'_> {
     /// Scores one text on the query terms it holds (`maybe`: those its signature does not
     /// rule out; every term where `None`), summed in query order, and raises its code.
     fn score_text(&self, scratch: &mut Scratch, doc: u32, maybe: Option<u64>) {
-        let own = self.derived.terms_of(doc);
-        let k1_norm = self.derived.texts[doc as usize].k1_norm;
+        let text = &self.derived.texts[doc as usize];
+        let own = self.derived.terms_of(text);
+        let k1_norm = text.k1_norm;
         let mut hits = TextHits::default();
         let mut add = |term: &QueryTerm| {
             if let Ok(at) = own.binary_search_by_key(&term.id, |(t, _)| *t) {
@@ -360,19 +358,17 @@ impl Query<'_> {
             None => self.terms.iter().for_each(add),
         }
         scratch.mark_scored(doc);
-        let i = doc as usize;
-        let index = self.index;
         // Texts that the query covers whole rank first: "pneumonia" is J18.9 "Pneumonia,
         // unspecified organism" before J13 "Pneumonia due to Streptococcus pneumoniae".
-        let essential = f32::from(index.doc_essential[i].max(1));
+        let essential = f32::from(text.essential.max(1));
         let coverage = (f32::from(hits.matched) / essential).min(1.0);
         // And codes that answer the whole query rank before codes that answer part of it.
         let answered = (hits.matched_weight / self.query_weight.max(1.0)).min(1.0);
         let weighted = hits.score
-            * index.doc_weight[i]
+            * text.weight
             * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * coverage)
             * (1.0 - COVERAGE_WEIGHT + COVERAGE_WEIGHT * answered);
-        let code = index.docs[i];
+        let code = text.code;
         let floor = match code {
             DocRef::Pcs(p) if in_any(&self.raised_tables, p) => INDEX_ONLY_SCORE,
             _ => 0.0,
