@@ -76,6 +76,9 @@ impl NotePrediction {
 /// A code's description and billable flag where the code set knows it.
 pub type CodeDescriber<'a> = dyn Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + 'a;
 
+/// A code's description and billable flag, `None` where the code sets do not know it.
+type Described = Option<(String, bool)>;
+
 /// Codes remembered by [`DescriptionCache`] at most (every CM and PCS code would be ~170k).
 const DESCRIPTIONS_REMEMBERED: usize = 50_000;
 
@@ -84,11 +87,11 @@ const DESCRIPTIONS_REMEMBERED: usize = 50_000;
 /// (more for a code they lack, which is answered with a nearest-code hint).
 #[derive(Debug, Default)]
 pub(crate) struct DescriptionCache {
-    known: RwLock<HashMap<Box<str>, Option<(String, bool)>>>,
+    known: RwLock<HashMap<Box<str>, Described>>,
 }
 
 impl DescriptionCache {
-    pub fn describe(&self, kb: &IcdKnowledge, code: &str) -> Option<(String, bool)> {
+    pub fn describe(&self, kb: &IcdKnowledge, code: &str) -> Described {
         let known = self.known.read().unwrap_or_else(|e| e.into_inner());
         if let Some(found) = known.get(code) {
             return found.clone();

@@ -107,6 +107,8 @@ mod avx2 {
 
     /// [`ROW_BLOCK`] rows (`block`) against [`QUERY_BLOCK`] queries (`group`): twelve
     /// running sums, seven loads per twelve multiply-adds.
+    // Indices name the register block's cells (row i, query j) more plainly than iterators.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_block(
         block: &[f32],
@@ -120,7 +122,10 @@ mod avx2 {
         let mut d = 0;
         while d < full {
             // SAFETY: d + 8 <= dim, so every load stays inside its row.
-            let q = [0, 1, 2].map(|j| _mm256_loadu_ps(qp.add(j * dim + d)));
+            let mut q = [_mm256_setzero_ps(); QUERY_BLOCK];
+            for j in 0..QUERY_BLOCK {
+                q[j] = _mm256_loadu_ps(qp.add(j * dim + d));
+            }
             for i in 0..ROW_BLOCK {
                 let row = _mm256_loadu_ps(rp.add(i * dim + d));
                 for j in 0..QUERY_BLOCK {
