@@ -336,13 +336,13 @@ impl Coder {
         }
     }
 
-    /// What the code sets add to an engine's prediction: guideline warnings and their
-    /// editions.
     /// The code sets' descriptions, each code looked up once.
     fn describer(&self) -> impl Fn(&str, CodeKind) -> Option<(String, bool)> + Sync + '_ {
         move |code, _kind| self.descriptions.describe(self.kb.as_deref()?, code)
     }
 
+    /// What the code sets add to an engine's prediction: guideline warnings and their
+    /// editions.
     fn annotate(&self, prediction: &mut NotePrediction) {
         if let Some(kb) = &self.kb {
             let warnings = guideline_warnings(kb, prediction);

@@ -88,11 +88,12 @@ impl LlmEngine {
         })
     }
 
-    /// What the model is: id, adapter and the allowed code set.
+    /// The loaded model the engine generates with.
     pub(crate) fn model(&self) -> &LoadedModel {
         &self.model
     }
 
+    /// What the model is: id, adapter and the allowed code set.
     pub fn name(&self) -> &str {
         &self.name
     }
