@@ -1,6 +1,6 @@
 //! The llm engine coding notes as they arrive, in one continuous batch: a note's chunks join
-//! the batch between two decode steps (each prefilled alone, then decoded with the rows
-//! already there) and leave it as soon as they finish, so a short note is answered while a
+//! the batch between two decode steps (each prefilled alone, piece by piece between the
+//! others' decode steps, then decoded with the rows already there) and leave it as soon as they finish, so a short note is answered while a
 //! long one goes on, and a note arriving mid-way does not wait for the others to end. Each
 //! chunk is generated under its own constrained decoding; a note is answered once all its
 //! chunks are done, merged as [`LlmEngine::predict`] merges them.
@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use medcoder_infer::{ContinuousBatch, GenerateRequest, Joined, LogitsProcessor};
+use medcoder_infer::{ContinuousBatch, GenerateRequest, LogitsProcessor};
 
 use crate::llm::{ChunkCodes, LlmEngine};
 use crate::prediction::{CodeDescriber, NotePrediction};
@@ -154,26 +154,22 @@ impl<T> ContinuousCoding<'_, T> {
                 fail(notes, next.note, None, &mut answered);
                 continue;
             }
-            let joined = batch.join(
-                next.request,
-                vec![next.processor],
-                (next.note, next.chunk),
-                |tag, _| keep(notes, tag),
-            );
-            match joined {
-                Joined::Running => {}
-                Joined::Finished(tag, generation) => {
-                    finished(engine, notes, tag, &generation, &cancelled, &mut answered)
-                }
-                Joined::Failed((note, _), error) => {
-                    fail(notes, note, Some(error.to_string()), &mut answered)
-                }
+            if let Err(refused) =
+                batch.join(next.request, vec![next.processor], (next.note, next.chunk))
+            {
+                let ((note, _), error) = *refused;
+                fail(notes, note, Some(error.to_string()), &mut answered);
             }
         }
         match batch.step(|tag, _| keep(notes, tag)) {
             Ok(done) => {
                 for (tag, generation) in done {
-                    finished(engine, notes, tag, &generation, &cancelled, &mut answered);
+                    match generation {
+                        Ok(generation) => {
+                            finished(engine, notes, tag, &generation, &cancelled, &mut answered)
+                        }
+                        Err(error) => fail(notes, tag.0, Some(error.to_string()), &mut answered),
+                    }
                 }
             }
             Err(failure) => {

@@ -2,21 +2,24 @@
 //! as soon as they finish, instead of waiting for a whole batch to start and end together.
 //!
 //! The batch keeps one left-padded KV cache (rows × positions). A joining sequence is
-//! prefilled alone (exactly what it gets alone), then its cache is padded to the batch's
-//! length, or the batch's to its length, and appended as a row; a finished row is dropped and
-//! the padding every remaining row has is cut off. Positions are per row (position minus
-//! padding) and the mask hides each row's padding, so every sequence is decoded as it would
-//! be alone.
+//! prefilled alone, in pieces of [`PREFILL_CHUNK`] tokens, one piece per step while other rows
+//! are decoding (a long prompt does not stall them for its whole prefill; with no row
+//! decoding it is prefilled at once), exactly as [`crate::generate`] prefills it. Then its
+//! cache is padded to the batch's length, or the batch's to its length, and appended as a
+//! row; a finished row is dropped and the padding every remaining row has is cut off.
+//! Positions are per row (position minus padding) and the mask hides each row's padding, so
+//! every sequence is decoded as it would be alone.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use medcoder_models::{ForwardOptions, KvCache, LoadedModel};
 
 use crate::error::Result;
-use crate::generate::{GenerateRequest, Generation, Sequence};
+use crate::generate::{extend_cache, prefill_piece, GenerateRequest, Generation, Sequence};
 use crate::processors::LogitsProcessor;
-use crate::InferError;
+use crate::{InferError, PREFILL_CHUNK};
 
 struct Row<T> {
     tag: T,
@@ -27,22 +30,24 @@ struct Row<T> {
     decoding: Instant,
 }
 
-/// What became of a sequence that asked to join.
-pub enum Joined<T> {
-    /// In the batch: it goes on at the next [`ContinuousBatch::step`].
-    Running,
-    /// Done with its first token (a stop token, `max_tokens` 1, or cancelled).
-    Finished(T, Generation),
-    Failed(T, InferError),
+/// A sequence whose prompt is being prefilled, piece by piece, into its own cache.
+struct Prefilling<T> {
+    tag: T,
+    sequence: Sequence,
+    prompt: Vec<u32>,
+    cache: KvCache,
+    /// Pieces prefilled so far.
+    pieces: usize,
+    seconds: f64,
 }
 
-impl<T> std::fmt::Debug for Joined<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Running => f.write_str("Running"),
-            Self::Finished(_, generation) => f.debug_tuple("Finished").field(generation).finish(),
-            Self::Failed(_, error) => f.debug_tuple("Failed").field(error).finish(),
-        }
+impl<T> Prefilling<T> {
+    fn next_piece(&self) -> &[u32] {
+        prefill_piece(&self.prompt, self.pieces)
+    }
+
+    fn is_last_piece(&self) -> bool {
+        (self.pieces + 1) * PREFILL_CHUNK >= self.prompt.len()
     }
 }
 
@@ -50,16 +55,18 @@ impl<T> std::fmt::Debug for ContinuousBatch<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ContinuousBatch")
             .field("rows", &self.rows.len())
+            .field("prefilling", &self.prefilling.len())
             .field("padding", &self.padding)
             .field("positions", &self.cache.len())
             .finish()
     }
 }
 
-/// Sequences that finished in a step, with their tags.
-pub type Finished<T> = Vec<(T, Generation)>;
+/// Sequences that finished in a step, with their tags: their generation, or what failed
+/// while prefilling them.
+pub type Finished<T> = Vec<(T, Result<Generation>)>;
 
-/// A step that failed: the error, and the tags of the rows it took down.
+/// A decode step that failed: the error, and the tags of the rows it took down.
 #[derive(Debug)]
 pub struct BatchFailure<T> {
     pub error: InferError,
@@ -74,6 +81,8 @@ pub struct ContinuousBatch<'m, T> {
     /// Left padding of each row of the cache.
     padding: Vec<usize>,
     rows: Vec<Row<T>>,
+    /// Joined, not yet decoding: first come, first prefilled.
+    prefilling: VecDeque<Prefilling<T>>,
 }
 
 impl<'m, T> ContinuousBatch<'m, T> {
@@ -83,16 +92,17 @@ impl<'m, T> ContinuousBatch<'m, T> {
             cache: model.lm.new_cache(),
             padding: Vec::new(),
             rows: Vec::new(),
+            prefilling: VecDeque::new(),
         }
     }
 
-    /// Sequences in the batch.
+    /// Sequences in the batch: decoding, or being prefilled.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.rows.len() + self.prefilling.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.rows.is_empty() && self.prefilling.is_empty()
     }
 
     /// Positions the batch's cache holds (the longest row's, padding included).
@@ -100,54 +110,122 @@ impl<'m, T> ContinuousBatch<'m, T> {
         self.cache.len()
     }
 
-    /// Prefills `request` alone and samples its first token (`on_text` gets the text it
-    /// releases and returns false to cancel), then adds it to the batch.
+    /// Takes `request` in: its prompt is prefilled over the next steps, then it is decoded
+    /// with the others. A request that cannot be sampled as asked is given back at once.
     pub fn join(
         &mut self,
         request: GenerateRequest,
         processors: Vec<Box<dyn LogitsProcessor>>,
         tag: T,
-        mut on_text: impl FnMut(&T, &str) -> bool,
-    ) -> Joined<T> {
-        let started = Instant::now();
+    ) -> std::result::Result<(), Box<(T, InferError)>> {
         let prompt = request.prompt_ids.clone();
-        let mut sequence = match Sequence::new(request, processors) {
-            Ok(sequence) => sequence,
-            Err(error) => return Joined::Failed(tag, error),
-        };
-        let mut cache = self.model.lm.new_cache();
-        let first = self
-            .model
-            .lm
-            .next_token_logits(&prompt, &mut cache)
-            .and_then(|logits| logits.to_vec1::<f32>())
-            .map_err(InferError::from)
-            .and_then(|mut logits| sequence.step(self.model, &mut logits));
-        let prefill_seconds = started.elapsed().as_secs_f64();
+        match Sequence::new(request, processors) {
+            Ok(sequence) => {
+                self.prefilling.push_back(Prefilling {
+                    tag,
+                    sequence,
+                    prompt,
+                    cache: self.model.lm.new_cache(),
+                    pieces: 0,
+                    seconds: 0.0,
+                });
+                Ok(())
+            }
+            Err(error) => Err(Box::new((tag, error))),
+        }
+    }
+
+    /// Prefill work for one step: with rows decoding, [`PREFILL_CHUNK`] tokens' worth of
+    /// pieces (one at least); without, the first waiting prompt whole. A prompt done gets its
+    /// first token (`on_text` as in [`Self::step`], also asked before each piece whether the
+    /// sequence is still wanted) and becomes a row, or is finished already.
+    fn prefill(&mut self, on_text: &mut impl FnMut(&T, &str) -> bool, out: &mut Finished<T>) {
+        let mut spent = 0;
+        while let Some(head) = self.prefilling.front_mut() {
+            let piece = head.next_piece().len();
+            if !self.rows.is_empty() && spent > 0 && spent + piece > PREFILL_CHUNK {
+                return;
+            }
+            if !on_text(&head.tag, "") {
+                let Some(mut head) = self.prefilling.pop_front() else {
+                    return;
+                };
+                head.sequence.checker.cancel();
+                out.push((head.tag, Ok(head.sequence.finish(head.seconds, 0.0))));
+                continue;
+            }
+            let started = Instant::now();
+            let last = head.is_last_piece();
+            let ids = prefill_piece(&head.prompt, head.pieces);
+            let logits = if last {
+                self.model
+                    .lm
+                    .next_token_logits(ids, &mut head.cache)
+                    .and_then(|logits| logits.to_vec1::<f32>())
+                    .map(Some)
+                    .map_err(InferError::from)
+            } else {
+                extend_cache(self.model, ids, &mut head.cache).map(|()| None)
+            };
+            head.seconds += started.elapsed().as_secs_f64();
+            head.pieces += 1;
+            spent += piece;
+            let logits = match logits {
+                Ok(None) => continue,
+                Ok(Some(logits)) => logits,
+                Err(error) => {
+                    if let Some(head) = self.prefilling.pop_front() {
+                        out.push((head.tag, Err(error)));
+                    }
+                    continue;
+                }
+            };
+            if let Some(head) = self.prefilling.pop_front() {
+                if let Some(done) = self.first_token(head, logits, on_text) {
+                    out.push(done);
+                }
+            }
+        }
+    }
+
+    /// Samples a prefilled sequence's first token and adds it as a row; the sequence, if that
+    /// finished it (a stop token, `max_tokens` 1, cancelled) or failed.
+    fn first_token(
+        &mut self,
+        prefilled: Prefilling<T>,
+        mut logits: Vec<f32>,
+        on_text: &mut impl FnMut(&T, &str) -> bool,
+    ) -> Option<(T, Result<Generation>)> {
+        let Prefilling {
+            tag,
+            mut sequence,
+            cache,
+            seconds,
+            ..
+        } = prefilled;
         let decoding = Instant::now();
-        let (id, text, finished) = match first {
+        let (id, text, finished) = match sequence.step(self.model, &mut logits) {
             Ok(step) => step,
-            Err(error) => return Joined::Failed(tag, error),
+            Err(error) => return Some((tag, Err(error))),
         };
         let keep = on_text(&tag, &text);
         if !keep {
             sequence.checker.cancel();
         }
         if finished || !keep {
-            let generation = sequence.finish(prefill_seconds, 0.0);
-            return Joined::Finished(tag, generation);
+            return Some((tag, Ok(sequence.finish(seconds, 0.0))));
         }
         if let Err(error) = self.add_row(cache) {
-            return Joined::Failed(tag, error);
+            return Some((tag, Err(error)));
         }
         self.rows.push(Row {
             tag,
             sequence,
             pending: id,
-            prefill_seconds,
+            prefill_seconds: seconds,
             decoding,
         });
-        Joined::Running
+        None
     }
 
     /// Appends a sequence's own cache as a row, padding it or the batch to the same length.
@@ -171,12 +249,22 @@ impl<'m, T> ContinuousBatch<'m, T> {
         Ok(())
     }
 
-    /// One decode step for every row: `on_text` gets each row's new text (often empty) and
-    /// returns false to cancel the row. Rows that finished leave the batch and are returned.
-    /// On an error the batch is left empty and every row is returned with it.
+    /// One decode step for every row, then the step's prefill work: `on_text` gets each
+    /// row's new text (often empty) and returns false to cancel the row. Sequences that
+    /// finished leave the batch and are returned. On a decode error the rows are dropped and
+    /// returned with it (sequences being prefilled stay).
     pub fn step(
         &mut self,
         mut on_text: impl FnMut(&T, &str) -> bool,
+    ) -> std::result::Result<Finished<T>, Box<BatchFailure<T>>> {
+        let mut finished = self.decode(&mut on_text)?;
+        self.prefill(&mut on_text, &mut finished);
+        Ok(finished)
+    }
+
+    fn decode(
+        &mut self,
+        on_text: &mut impl FnMut(&T, &str) -> bool,
     ) -> std::result::Result<Finished<T>, Box<BatchFailure<T>>> {
         if self.rows.is_empty() {
             return Ok(Vec::new());
@@ -235,7 +323,7 @@ impl<'m, T> ContinuousBatch<'m, T> {
     }
 
     /// Takes the rows marked done out of the batch and cuts the padding all others share.
-    fn remove(&mut self, done: &[bool]) -> Result<Vec<(T, Generation)>> {
+    fn remove(&mut self, done: &[bool]) -> Result<Finished<T>> {
         if !done.contains(&true) {
             return Ok(Vec::new());
         }
@@ -246,7 +334,7 @@ impl<'m, T> ContinuousBatch<'m, T> {
             if *done {
                 let decode_seconds = row.decoding.elapsed().as_secs_f64();
                 let generation = row.sequence.finish(row.prefill_seconds, decode_seconds);
-                finished.push((row.tag, generation));
+                finished.push((row.tag, Ok(generation)));
             } else {
                 self.rows.push(row);
             }
@@ -275,8 +363,8 @@ impl<'m, T> ContinuousBatch<'m, T> {
         })
     }
 
-    /// Empties the batch, giving back the rows' tags (after an error).
-    pub fn abandon(&mut self) -> Vec<T> {
+    /// Drops the decoding rows, giving back their tags (after a decode error).
+    fn abandon(&mut self) -> Vec<T> {
         self.cache = self.model.lm.new_cache();
         self.padding.clear();
         std::mem::take(&mut self.rows)

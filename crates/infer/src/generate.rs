@@ -140,7 +140,7 @@ pub fn generate(
     let mut sequence = Sequence::new(request, processors)?;
     let mut cache = model.lm.new_cache();
     let started = Instant::now();
-    let mut logits = last_logits(model, &prompt, &mut cache)?;
+    let mut logits = prefill(model, &prompt, &mut cache)?;
     let prefill_seconds = started.elapsed().as_secs_f64();
     let decoding = Instant::now();
     loop {
@@ -170,6 +170,39 @@ pub fn stream_into(sender: std::sync::mpsc::Sender<String>) -> impl FnMut(&str) 
 
 fn last_logits(model: &LoadedModel, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     Ok(model.lm.next_token_logits(ids, cache)?.to_vec1::<f32>()?)
+}
+
+/// Prompt tokens prefilled in one forward pass. A prompt goes in pieces of this many tokens:
+/// in a continuous batch one piece per decode step of the running rows (so that a long prompt
+/// joining does not stall their decoding for its whole prefill), and alone the same pieces in a
+/// row, so that a sequence gets the same numbers either way.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// The `n`-th piece of a prompt's prefill ([`PREFILL_CHUNK`] tokens, the last one shorter).
+pub(crate) fn prefill_piece(prompt: &[u32], n: usize) -> &[u32] {
+    let start = (n * PREFILL_CHUNK).min(prompt.len());
+    &prompt[start..(start + PREFILL_CHUNK).min(prompt.len())]
+}
+
+/// Runs `ids` into the cache, without the logits (a prefill piece before the last).
+pub(crate) fn extend_cache(model: &LoadedModel, ids: &[u32], cache: &mut KvCache) -> Result<()> {
+    let input = Tensor::new(ids, model.lm.device())?.unsqueeze(0)?;
+    let options = ForwardOptions {
+        last_only: true,
+        hidden_only: true,
+        ..ForwardOptions::default()
+    };
+    model.lm.forward(&input, Some(cache), &options)?;
+    Ok(())
+}
+
+/// Prefills a whole prompt, piece by piece: the logits of the position after it.
+fn prefill(model: &LoadedModel, prompt: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    let pieces = prompt.len().div_ceil(PREFILL_CHUNK).max(1);
+    for n in 0..pieces - 1 {
+        extend_cache(model, prefill_piece(prompt, n), cache)?;
+    }
+    last_logits(model, prefill_piece(prompt, pieces - 1), cache)
 }
 
 /// Continue several prompts at once: left-padded to one length, prefilled together, then one

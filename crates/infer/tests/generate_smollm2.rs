@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use medcoder_infer::{
     generate, generate_batch, log_softmax_top, stream_into, ContinuousBatch, FallbackToEos,
-    FinishReason, GenerateRequest, Joined, JsonSchema, JsonSchemaProcessor, LogitsProcessor,
-    SamplingParams, StopConditions, TokenTrie,
+    FinishReason, GenerateRequest, JsonSchema, JsonSchemaProcessor, LogitsProcessor,
+    SamplingParams, StopConditions, TokenTrie, PREFILL_CHUNK,
 };
 use medcoder_models::LoadedModel;
 use support::installed_model;
@@ -227,8 +227,9 @@ fn sequences_joining_and_leaving_a_running_batch_get_what_they_get_alone() {
     let mut batch = ContinuousBatch::new(&model);
     let mut streamed = vec![String::new(); prompts.len()];
     let mut results: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
-    let mut record = |finished: Vec<(usize, medcoder_infer::Generation)>| {
+    let mut record = |finished: medcoder_infer::Finished<usize>| {
         for (i, generation) in finished {
+            let generation = generation.unwrap();
             assert_eq!(generation.token_logprobs.len(), generation.token_ids.len());
             results[i] = Some(generation.token_ids);
         }
@@ -243,10 +244,9 @@ fn sequences_joining_and_leaving_a_running_batch_get_what_they_get_alone() {
     for step in 0..40 {
         for (i, _) in joins_at.iter().enumerate().filter(|(_, s)| **s == step) {
             let (prompt, n) = prompts[i];
-            match batch.join(request(&model, prompt, n), Vec::new(), i, &mut on_text) {
-                Joined::Running => {}
-                other => panic!("{other:?}"),
-            }
+            assert!(batch
+                .join(request(&model, prompt, n), Vec::new(), i)
+                .is_ok());
         }
         record(batch.step(&mut on_text).unwrap());
     }
@@ -260,6 +260,69 @@ fn sequences_joining_and_leaving_a_running_batch_get_what_they_get_alone() {
             .text;
         assert_eq!(streamed[i], text, "{prompt}");
     }
+}
+
+/// A clinical note of about `sentences` × 20 tokens.
+fn long_note(sentences: usize) -> String {
+    (0..sentences)
+        .map(|i| {
+            format!(
+                "Day {i}: blood pressure {} over {}, glucose {} mg/dL, no chest pain, tolerating diet. ",
+                120 + i % 30,
+                70 + i % 20,
+                90 + 7 * i % 80
+            )
+        })
+        .collect()
+}
+
+/// Chunked prefill: a long prompt joining a running batch is prefilled a piece per step while
+/// the running row goes on decoding a token per step, and both get what they get alone.
+#[test]
+fn a_long_prompt_joins_a_piece_per_step_while_the_others_decode() {
+    let Some(model) = smollm2() else { return };
+    let short = ("The capital of France is", 12);
+    let note = format!("Summarise: {}", long_note(30));
+    let long = (note.as_str(), 5);
+    let long_tokens = request(&model, long.0, 1).prompt_ids.len();
+    let pieces = long_tokens.div_ceil(PREFILL_CHUNK);
+    assert!(pieces >= 3, "{long_tokens} tokens");
+    let alone = [short, long].map(|(p, n)| {
+        generate(&model, request(&model, p, n), Vec::new(), |_| true)
+            .unwrap()
+            .token_ids
+    });
+    let mut batch = ContinuousBatch::new(&model);
+    let mut results: Vec<Option<Vec<u32>>> = vec![None, None];
+    let mut record = |finished: medcoder_infer::Finished<usize>| {
+        for (i, generation) in finished {
+            results[i] = Some(generation.unwrap().token_ids);
+        }
+    };
+    assert!(batch
+        .join(request(&model, short.0, short.1), Vec::new(), 0)
+        .is_ok());
+    // Alone, the short prompt is prefilled and becomes a row at once.
+    record(batch.step(|_, _| true).unwrap());
+    record(batch.step(|_, _| true).unwrap());
+    let short_len = batch.positions();
+    assert!(batch
+        .join(request(&model, long.0, long.1), Vec::new(), 1)
+        .is_ok());
+    assert_eq!(batch.len(), 2);
+    // Each step: the short row decodes one token and one piece of the long prompt goes in;
+    // the long prompt becomes a row at the step of its last piece.
+    for step in 1..pieces {
+        record(batch.step(|_, _| true).unwrap());
+        assert_eq!(batch.positions(), short_len + step, "step {step}");
+    }
+    record(batch.step(|_, _| true).unwrap());
+    assert_eq!(batch.positions(), long_tokens);
+    while !batch.is_empty() {
+        record(batch.step(|_, _| true).unwrap());
+    }
+    let results: Vec<Vec<u32>> = results.into_iter().map(Option::unwrap).collect();
+    assert_eq!(results, alone);
 }
 
 /// JSON constrained decoding on a real vocabulary: the answer is JSON valid against the

@@ -76,6 +76,17 @@ fn check_family(family: &str) {
             diff < TOLERANCE,
             "{family} with a KV cache: last logits differ by {diff}"
         );
+        // In pieces of several tokens after a filled cache (chunked prefill: positions and
+        // the causal mask start after the cache), the same again.
+        let mut cache = lm.new_cache();
+        for piece in input.input_ids.chunks(3) {
+            last = lm.next_token_logits(piece, &mut cache).unwrap();
+        }
+        let diff = max_abs_diff(&last.to_vec1::<f32>().unwrap(), &input.last_logits);
+        assert!(
+            diff < TOLERANCE,
+            "{family} prefilled in pieces: last logits differ by {diff}"
+        );
     }
 }
 

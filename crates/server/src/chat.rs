@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use medcoder_infer::{
-    ContinuousBatch, FallbackToEos, FinishReason, GenerateRequest, Generation, Joined, JsonSchema,
+    ContinuousBatch, FallbackToEos, FinishReason, GenerateRequest, Generation, JsonSchema,
     JsonSchemaProcessor, LogitsProcessor, SamplingParams, StopConditions, TokenTrie,
 };
 use medcoder_models::{ChatMessage, LoadedModel};
@@ -377,8 +377,8 @@ impl Active {
 }
 
 /// The generation thread: one continuous batch of up to `max_batch` sequences. Between two
-/// decode steps, waiting requests join (prefilled, then decoded with the others); finished ones
-/// are answered and leave. It sleeps only while nothing is generating.
+/// decode steps, waiting requests join (prefilled a piece per step, then decoded with the
+/// others); finished ones are answered and leave. It sleeps only while nothing is generating.
 fn generation_loop(
     model: LoadedModel,
     mut receiver: mpsc::Receiver<ChatJob>,
@@ -404,16 +404,15 @@ fn generation_loop(
                 reply,
             } = job;
             let active = Active { stream, reply };
-            match batch.join(request, processors, active, Active::forward) {
-                Joined::Running => {}
-                Joined::Finished(active, generation) => active.answer(Ok(generation), &metrics),
-                Joined::Failed(active, error) => active.answer(Err(error.to_string()), &metrics),
+            if let Err(refused) = batch.join(request, processors, active) {
+                let (active, error) = *refused;
+                active.answer(Err(error.to_string()), &metrics);
             }
         }
         match batch.step(Active::forward) {
             Ok(finished) => {
                 for (active, generation) in finished {
-                    active.answer(Ok(generation), &metrics);
+                    active.answer(generation.map_err(|e| e.to_string()), &metrics);
                 }
             }
             Err(failure) => {
