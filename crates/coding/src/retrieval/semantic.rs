@@ -206,21 +206,9 @@ impl SemanticIndex {
     /// vote for their codes with a power of their cosine.
     fn mention_votes(&self, cosines: &[f32], skip: Option<usize>) -> MentionMatch {
         let mut found = MentionMatch::default();
-        let mut rows: Vec<usize> = Vec::new();
         for (s, sentence) in cosines.chunks_exact(self.mention_of.len()).enumerate() {
-            rows.clear();
-            rows.extend(
-                (0..sentence.len())
-                    .filter(|&r| Some(self.mention_of[r].0 as usize) != skip && sentence[r] > 0.0),
-            );
-            let keep = MENTION_SENTENCES_PER_SENTENCE.min(rows.len());
-            if keep == 0 {
-                continue;
-            }
-            rows.select_nth_unstable_by(keep - 1, |&a, &b| {
-                sentence[b].total_cmp(&sentence[a]).then(a.cmp(&b))
-            });
-            for &r in &rows[..keep] {
+            let rows = closest_rows(sentence, |r| Some(self.mention_of[r].0 as usize) != skip);
+            for &r in &rows {
                 let cosine = sentence[r];
                 for &code in &self.mention_of[r].1 {
                     let score = found.entry(code).or_default();
@@ -247,6 +235,24 @@ impl SemanticIndex {
             .map(|note| self.match_note(note, None))
             .unwrap_or_default())
     }
+}
+
+/// The [`MENTION_SENTENCES_PER_SENTENCE`] rows of highest positive cosine that `eligible`
+/// lets through, best first (ties to the lower row), in one pass: a row is compared with the
+/// worst kept so far, and most are not kept.
+fn closest_rows(cosines: &[f32], eligible: impl Fn(usize) -> bool) -> Vec<usize> {
+    const K: usize = MENTION_SENTENCES_PER_SENTENCE;
+    let mut kept: Vec<usize> = Vec::with_capacity(K + 1);
+    for (r, &cosine) in cosines.iter().enumerate() {
+        // Rows come in increasing order, so a tie with the worst kept loses to it.
+        let beats_worst = kept.len() < K || kept.last().is_some_and(|&w| cosine > cosines[w]);
+        if cosine > 0.0 && beats_worst && eligible(r) {
+            let at = kept.partition_point(|&k| cosines[k] >= cosine);
+            kept.insert(at, r);
+            kept.truncate(K);
+        }
+    }
+    kept
 }
 
 #[cfg(test)]
@@ -312,5 +318,22 @@ mod tests {
         let back: SemanticIndex =
             serde_json::from_str(&serde_json::to_string(&index).unwrap()).unwrap();
         assert_eq!(back.match_text(&embedder, query).unwrap().notes, m.notes);
+    }
+
+    #[test]
+    fn closest_rows_are_the_best_positive_eligible_ones_ties_to_the_lower_row() {
+        let cosines = [0.5, -0.2, 0.9, 0.5, 0.0, 0.7, 0.5, 0.9, 0.1, 0.3];
+        let all = closest_rows(&cosines, |_| true);
+        assert_eq!(all, [2, 7, 5, 0, 3]);
+        // The sort this replaces: by cosine descending, then row ascending.
+        let mut sorted: Vec<usize> = (0..cosines.len()).filter(|&r| cosines[r] > 0.0).collect();
+        sorted.sort_by(|&a, &b| cosines[b].total_cmp(&cosines[a]).then(a.cmp(&b)));
+        assert_eq!(all, sorted[..MENTION_SENTENCES_PER_SENTENCE]);
+        assert_eq!(
+            closest_rows(&cosines, |r| r != 7 && r != 0),
+            [2, 5, 3, 6, 9]
+        );
+        assert_eq!(closest_rows(&[-1.0, 0.0], |_| true), Vec::<usize>::new());
+        assert_eq!(closest_rows(&[0.2, 0.4], |_| true), [1, 0]);
     }
 }
