@@ -388,15 +388,12 @@ fn generation_loop(
     let mut batch = ContinuousBatch::new(&model);
     loop {
         while batch.len() < max_batch.max(1) {
-            let job = match next_job(&mut receiver, batch.is_empty()) {
+            let gone = |job: &ChatJob| job.reply.is_closed();
+            let job = match next_job(&mut receiver, batch.is_empty(), &metrics.queue_depth, gone) {
                 Intake::Job(job) => job,
                 Intake::NoneWaiting => break,
                 Intake::Closed => return,
             };
-            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            if job.reply.is_closed() {
-                continue;
-            }
             let ChatJob {
                 request,
                 processors,

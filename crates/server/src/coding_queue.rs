@@ -170,16 +170,18 @@ fn continuous_loop(
     };
     loop {
         while batch.has_room() {
-            let job = match next_job(&mut receiver, batch.is_idle()) {
+            let gone = |job: &CodingJob| {
+                let gone = job.reply.is_closed();
+                if gone {
+                    tracing::debug!(note = job.id, "client gone before coding: skipped");
+                }
+                gone
+            };
+            let job = match next_job(&mut receiver, batch.is_idle(), &metrics.queue_depth, gone) {
                 Intake::Job(job) => job,
                 Intake::NoneWaiting => break,
                 Intake::Closed => return,
             };
-            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            if job.reply.is_closed() {
-                tracing::debug!(note = job.id, "client gone before coding: skipped");
-                continue;
-            }
             let CodingJob { id, text, reply } = job;
             if let Err(refused) = batch.admit(&id, &text, (id.clone(), reply)) {
                 let (tag, error) = *refused;
