@@ -69,6 +69,12 @@ struct ServeBenchReport {
     rss_after_warmup_mib: f64,
     rss_after_measured_mib: f64,
     requests_served: u64,
+    /// The server process's CPU time (user + system) per request of the measured run.
+    server_cpu_ms_per_request: f64,
+    /// Cores of this kind a closed loop of `connections` needs to reach the target p99 if
+    /// throughput grew with cores (connections × CPU per request / target): an estimate
+    /// from this run's figures, not a measurement.
+    cores_for_target_estimate: f64,
     target_p99_ms: f64,
 }
 
@@ -128,7 +134,10 @@ pub fn run(args: ServeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode
     // minutes at most: the report says how many were served).
     let missing = args.min_requests.saturating_sub(warmup.requests) as f64;
     let needed_s = ((1.1 * missing / warmup.requests_per_s.max(1.0)).ceil() as u64).min(600);
+    let cpu_before = process_cpu_seconds();
     let measured = wrk(args.duration_s.max(needed_s))?;
+    let cpu_ms_per_request =
+        1e3 * (process_cpu_seconds() - cpu_before) / measured.requests.max(1) as f64;
     let rss_after_measured_mib = current_rss_mib();
     let requests_served = state.metrics_notes_coded();
     let _ = stop.send(());
@@ -144,7 +153,9 @@ pub fn run(args: ServeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode
         rss_after_warmup_mib,
         rss_after_measured_mib,
         requests_served,
-        target_p99_ms: 100.0,
+        server_cpu_ms_per_request: cpu_ms_per_request,
+        cores_for_target_estimate: args.connections as f64 * cpu_ms_per_request / TARGET_P99_MS,
+        target_p99_ms: TARGET_P99_MS,
     };
     if args.json {
         super::print_json(&report)?;
@@ -163,8 +174,35 @@ pub fn run(args: ServeBenchArgs, home: &MedcoderHome) -> anyhow::Result<ExitCode
             "server RSS {:.1} MiB after the warm-up ({} requests), {:.1} MiB after {} requests in all",
             report.rss_after_warmup_mib, report.warmup.requests, report.rss_after_measured_mib, report.requests_served
         );
+        outln!(
+            "server CPU {:.1} ms per request (user + system); p99 ≤ {:.0} ms at {} connections would take ≥ {:.1} such cores if throughput grew with cores (estimate, not measured)",
+            report.server_cpu_ms_per_request, report.target_p99_ms, report.connections, report.cores_for_target_estimate
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The p99 latency `/v1/code` should stay under at 64 connections (#8).
+const TARGET_P99_MS: f64 = 100.0;
+
+/// CPU seconds (user + system) this process has used: `/proc/self/stat`'s utime and stime,
+/// in Linux's fixed 100 ticks per second; 0 where there is no such file.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (in parentheses, which may hold spaces): state is the
+    // first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// A wrk script sending the bodies in rotation.
@@ -220,4 +258,26 @@ fn run_wrk(
         latency_p90_ms: f[5] / 1e3,
         latency_p99_ms: f[6] / 1e3,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_cpu_time_grows_with_work_done() {
+        let before = process_cpu_seconds();
+        let started = Instant::now();
+        let mut x = 0u64;
+        while process_cpu_seconds() < before + 0.05 {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "busy for 20 s, CPU time still {} (from {before})",
+                process_cpu_seconds()
+            );
+        }
+    }
 }
