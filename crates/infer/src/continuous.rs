@@ -42,12 +42,8 @@ struct Prefilling<T> {
 }
 
 impl<T> Prefilling<T> {
-    fn next_piece(&self) -> &[u32] {
-        prefill_piece(&self.prompt, self.pieces)
-    }
-
-    fn is_last_piece(&self) -> bool {
-        (self.pieces + 1) * PREFILL_CHUNK >= self.prompt.len()
+    fn is_last_piece(&self, chunk: usize) -> bool {
+        (self.pieces + 1).saturating_mul(chunk) >= self.prompt.len()
     }
 }
 
@@ -83,6 +79,8 @@ pub struct ContinuousBatch<'m, T> {
     rows: Vec<Row<T>>,
     /// Joined, not yet decoding: first come, first prefilled.
     prefilling: VecDeque<Prefilling<T>>,
+    /// Prompt tokens per prefill piece, and per step while rows decode.
+    prefill_chunk: usize,
 }
 
 impl<'m, T> ContinuousBatch<'m, T> {
@@ -93,7 +91,16 @@ impl<'m, T> ContinuousBatch<'m, T> {
             padding: Vec::new(),
             rows: Vec::new(),
             prefilling: VecDeque::new(),
+            prefill_chunk: PREFILL_CHUNK,
         }
+    }
+
+    /// The same batch prefilling `tokens` per piece instead of [`PREFILL_CHUNK`]
+    /// (`usize::MAX`: each prompt whole, in the step it joins; benchmarks compare the two).
+    /// Sequences then get what [`crate::generate`] gives them only up to float rounding.
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
+        self.prefill_chunk = tokens.max(1);
+        self
     }
 
     /// Sequences in the batch: decoding, or being prefilled.
@@ -135,15 +142,16 @@ impl<'m, T> ContinuousBatch<'m, T> {
         }
     }
 
-    /// Prefill work for one step: with rows decoding, [`PREFILL_CHUNK`] tokens' worth of
-    /// pieces (one at least); without, the first waiting prompt whole. A prompt done gets its
+    /// Prefill work for one step: with rows decoding, pieces of waiting prompts up to one
+    /// piece's worth of tokens (one piece at least); without, the first waiting prompt whole. A prompt done gets its
     /// first token (`on_text` as in [`Self::step`], also asked before each piece whether the
     /// sequence is still wanted) and becomes a row, or is finished already.
     fn prefill(&mut self, on_text: &mut impl FnMut(&T, &str) -> bool, out: &mut Finished<T>) {
         let mut spent = 0;
+        let chunk = self.prefill_chunk;
         while let Some(head) = self.prefilling.front_mut() {
-            let piece = head.next_piece().len();
-            if !self.rows.is_empty() && spent > 0 && spent + piece > PREFILL_CHUNK {
+            let piece = prefill_piece(&head.prompt, head.pieces, chunk).len();
+            if !self.rows.is_empty() && spent > 0 && spent + piece > chunk {
                 return;
             }
             if !on_text(&head.tag, "") {
@@ -155,8 +163,8 @@ impl<'m, T> ContinuousBatch<'m, T> {
                 continue;
             }
             let started = Instant::now();
-            let last = head.is_last_piece();
-            let ids = prefill_piece(&head.prompt, head.pieces);
+            let last = head.is_last_piece(chunk);
+            let ids = prefill_piece(&head.prompt, head.pieces, chunk);
             let logits = if last {
                 self.model
                     .lm

@@ -178,10 +178,10 @@ fn last_logits(model: &LoadedModel, ids: &[u32], cache: &mut KvCache) -> Result<
 /// row, so that a sequence gets the same numbers either way.
 pub const PREFILL_CHUNK: usize = 256;
 
-/// The `n`-th piece of a prompt's prefill ([`PREFILL_CHUNK`] tokens, the last one shorter).
-pub(crate) fn prefill_piece(prompt: &[u32], n: usize) -> &[u32] {
-    let start = (n * PREFILL_CHUNK).min(prompt.len());
-    &prompt[start..(start + PREFILL_CHUNK).min(prompt.len())]
+/// The `n`-th piece of a prompt's prefill in pieces of `chunk` tokens (the last one shorter).
+pub(crate) fn prefill_piece(prompt: &[u32], n: usize, chunk: usize) -> &[u32] {
+    let start = n.saturating_mul(chunk).min(prompt.len());
+    &prompt[start..start.saturating_add(chunk).min(prompt.len())]
 }
 
 /// Runs `ids` into the cache, without the logits (a prefill piece before the last).
@@ -196,13 +196,18 @@ pub(crate) fn extend_cache(model: &LoadedModel, ids: &[u32], cache: &mut KvCache
     Ok(())
 }
 
-/// Prefills a whole prompt, piece by piece: the logits of the position after it.
-fn prefill(model: &LoadedModel, prompt: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+/// Prefills a whole prompt, piece by piece (as [`generate`] does): the logits of the
+/// position after it.
+pub fn prefill(model: &LoadedModel, prompt: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     let pieces = prompt.len().div_ceil(PREFILL_CHUNK).max(1);
     for n in 0..pieces - 1 {
-        extend_cache(model, prefill_piece(prompt, n), cache)?;
+        extend_cache(model, prefill_piece(prompt, n, PREFILL_CHUNK), cache)?;
     }
-    last_logits(model, prefill_piece(prompt, pieces - 1), cache)
+    last_logits(
+        model,
+        prefill_piece(prompt, pieces - 1, PREFILL_CHUNK),
+        cache,
+    )
 }
 
 /// Continue several prompts at once: left-padded to one length, prefilled together, then one

@@ -17,8 +17,8 @@ pub use continuous::{BatchFailure, ContinuousBatch, Finished};
 pub use detokenize::{Decode, IncrementalDecoder};
 pub use error::{InferError, Result};
 pub use generate::{
-    generate, generate_batch, generate_batch_with, stream_into, GenerateRequest, Generation,
-    PREFILL_CHUNK,
+    generate, generate_batch, generate_batch_with, prefill, stream_into, GenerateRequest,
+    Generation, PREFILL_CHUNK,
 };
 pub use json::{JsonSchema, JsonSchemaProcessor, JsonState, TokenTrie};
 pub use logprobs::{log_prob_of, log_softmax_top};

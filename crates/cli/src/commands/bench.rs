@@ -45,6 +45,10 @@ pub enum BenchCommand {
         #[arg(long)]
         new_tokens: usize,
     },
+    /// A long prompt joining a continuous batch while another sequence decodes: chunked
+    /// prefill against whole-prompt prefill (the decoding sequence's longest wait, the
+    /// prompt's first token), in one run.
+    Join(super::bench_join::JoinBenchArgs),
     /// Notes/s and per-note latency (p50/p99) of a coding engine on ~2 KB notes.
     Code(super::bench_code::CodeBenchArgs),
     /// The server under load: wrk on loopback against POST /v1/code (retrieval engine):
@@ -97,6 +101,7 @@ pub fn run(command: BenchCommand, home: &MedcoderHome) -> anyhow::Result<ExitCod
     match command {
         BenchCommand::Generate(args) => super::bench_generate::run(args, home),
         BenchCommand::Code(args) => super::bench_code::run(args, home),
+        BenchCommand::Join(args) => super::bench_join::run(args, home),
         BenchCommand::Serve(args) => super::bench_serve::run(args, home),
         BenchCommand::Train(args) => super::bench_train::run(args),
         BenchCommand::TrainRun {

@@ -11,6 +11,7 @@ pub mod assets;
 pub mod bench;
 pub mod bench_code;
 pub mod bench_generate;
+pub mod bench_join;
 pub mod bench_serve;
 pub mod bench_train;
 pub mod code;
