@@ -4,32 +4,27 @@
 
 mod support;
 
-use medcoder_assets::{MedcoderHome, ModelRef};
 use serde_json::Value;
 
 #[test]
 fn bench_join_reports_chunked_and_whole_prefill_side_by_side() {
-    let Ok(home) = MedcoderHome::from_env() else {
-        eprintln!("skipping: no medcoder home");
+    let alias = "smollm2-135m-instruct";
+    let Some(home) = support::home_with_model(alias) else {
         return;
     };
-    let alias = "smollm2-135m-instruct";
-    if let Err(error) = alias.parse::<ModelRef>().and_then(|r| r.resolve(&home)) {
-        eprintln!("skipping: {alias} not installed ({error})");
-        return;
-    }
-    let args = [
-        "bench",
-        "join",
-        "--model",
-        alias,
-        "--prompt-tokens",
-        "300",
-        "--before",
-        "2",
-        "--json",
-    ];
-    let run = support::medcoder(home.root(), &args, None);
+    let join = |prompt_tokens: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "join",
+            "--model",
+            alias,
+            "--prompt-tokens",
+            prompt_tokens,
+        ];
+        args.extend(extra);
+        support::medcoder(home.root(), &args, None)
+    };
+    let run = join("300", &["--before", "2", "--json"]);
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     let report: Value = serde_json::from_str(&run.stdout).expect("JSON report");
     assert_eq!(report["prompt_tokens"], 300, "{report}");
@@ -46,15 +41,7 @@ fn bench_join_reports_chunked_and_whole_prefill_side_by_side() {
         "{report}"
     );
     // Too long a prompt for the bench's note is refused, naming the flag.
-    let args = [
-        "bench",
-        "join",
-        "--model",
-        alias,
-        "--prompt-tokens",
-        "1000000",
-    ];
-    let run = support::medcoder(home.root(), &args, None);
+    let run = join("1000000", &[]);
     assert_ne!(run.code, Some(0));
     assert!(run.stderr.contains("--prompt-tokens"), "{}", run.stderr);
 }

@@ -7,7 +7,6 @@ mod tokenizer_fixture;
 
 use std::path::{Path, PathBuf};
 
-use medcoder_assets::{MedcoderHome, ModelRef};
 use medcoder_store::synthetic::{write_synthetic_mimic_iv, SyntheticMimic};
 use medcoder_store::Store;
 use support::{assert_ok, json, medcoder, Run};
@@ -143,15 +142,10 @@ fn a_prompt_template_without_the_note_placeholder_is_refused() {
 /// metadata. Needs the asset installed (`medcoder assets fetch smollm2-135m-instruct`).
 #[test]
 fn a_gguf_model_tokenizes_with_its_own_vocabulary_and_chat_template() {
-    let Ok(home) = MedcoderHome::from_env() else {
-        eprintln!("skipping: no medcoder home");
+    let alias = "smollm2-135m-instruct";
+    let Some(home) = support::home_with_model(alias) else {
         return;
     };
-    let alias = "smollm2-135m-instruct";
-    if let Err(error) = alias.parse::<ModelRef>().and_then(|r| r.resolve(&home)) {
-        eprintln!("skipping: {alias} not installed ({error})");
-        return;
-    }
     let fx = Fixture::new();
     let args = [
         "prepare",

@@ -34,6 +34,23 @@ pub fn icd_home() -> Option<MedcoderHome> {
     Some(home)
 }
 
+/// The medcoder home when the model asset `alias` is installed in it, else `None` (saying
+/// why, for the test that skips).
+pub fn home_with_model(alias: &str) -> Option<MedcoderHome> {
+    let Ok(home) = MedcoderHome::from_env() else {
+        eprintln!("skipping: no medcoder home");
+        return None;
+    };
+    if let Err(error) = alias
+        .parse::<medcoder_assets::ModelRef>()
+        .and_then(|r| r.resolve(&home))
+    {
+        eprintln!("skipping: {alias} not installed ({error})");
+        return None;
+    }
+    Some(home)
+}
+
 /// `medcoder ARGS` with `home` as its MEDCODER_HOME, fed `stdin` when given.
 pub fn medcoder(home: &Path, args: &[&str], stdin: Option<&str>) -> Run {
     medcoder_with_env(home, args, stdin, &[])
