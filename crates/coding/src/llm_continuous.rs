@@ -1,7 +1,7 @@
 //! The llm engine coding notes as they arrive, in one continuous batch: a note's chunks join
 //! the batch between two decode steps (each prefilled alone, piece by piece between the
-//! others' decode steps, then decoded with the rows already there) and leave it as soon as they finish, so a short note is answered while a
-//! long one goes on, and a note arriving mid-way does not wait for the others to end. Each
+//! others' decode steps, then decoded with the rows already there) and leave it as soon as
+//! they finish, so a short note is answered while a long one goes on, and a note arriving mid-way does not wait for the others to end. Each
 //! chunk is generated under its own constrained decoding; a note is answered once all its
 //! chunks are done, merged as [`LlmEngine::predict`] merges them.
 

@@ -2,8 +2,8 @@
 //! as soon as they finish, instead of waiting for a whole batch to start and end together.
 //!
 //! The batch keeps one left-padded KV cache (rows × positions). A joining sequence is
-//! prefilled alone, in pieces of [`PREFILL_CHUNK`] tokens, one piece per step while other rows
-//! are decoding (a long prompt does not stall them for its whole prefill; with no row
+//! prefilled alone, in pieces of [`PREFILL_CHUNK`] tokens, a piece's worth per step while other
+//! rows are decoding (a long prompt does not stall them for its whole prefill; with no row
 //! decoding it is prefilled at once), exactly as [`crate::generate`] prefills it. Then its
 //! cache is padded to the batch's length, or the batch's to its length, and appended as a
 //! row; a finished row is dropped and the padding every remaining row has is cut off.
@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor};
 use medcoder_models::{ForwardOptions, KvCache, LoadedModel};
 
 use crate::error::Result;
-use crate::generate::{extend_cache, prefill_piece, GenerateRequest, Generation, Sequence};
+use crate::generate::{prefill_next_piece, prefill_piece, GenerateRequest, Generation, Sequence};
 use crate::processors::LogitsProcessor;
 use crate::{InferError, PREFILL_CHUNK};
 
@@ -39,12 +39,6 @@ struct Prefilling<T> {
     /// Pieces prefilled so far.
     pieces: usize,
     seconds: f64,
-}
-
-impl<T> Prefilling<T> {
-    fn is_last_piece(&self, chunk: usize) -> bool {
-        (self.pieces + 1).saturating_mul(chunk) >= self.prompt.len()
-    }
 }
 
 impl<T> std::fmt::Debug for ContinuousBatch<'_, T> {
@@ -143,9 +137,10 @@ impl<'m, T> ContinuousBatch<'m, T> {
     }
 
     /// Prefill work for one step: with rows decoding, pieces of waiting prompts up to one
-    /// piece's worth of tokens (one piece at least); without, the first waiting prompt whole. A prompt done gets its
-    /// first token (`on_text` as in [`Self::step`], also asked before each piece whether the
-    /// sequence is still wanted) and becomes a row, or is finished already.
+    /// piece's worth of tokens (one piece at least); without, the first waiting prompt whole.
+    /// A prompt done gets its first token (`on_text` as in [`Self::step`], also asked before
+    /// each piece whether the sequence is still wanted) and becomes a row, or is finished
+    /// already.
     fn prefill(&mut self, on_text: &mut impl FnMut(&T, &str) -> bool, out: &mut Finished<T>) {
         let mut spent = 0;
         let chunk = self.prefill_chunk;
@@ -163,18 +158,13 @@ impl<'m, T> ContinuousBatch<'m, T> {
                 continue;
             }
             let started = Instant::now();
-            let last = head.is_last_piece(chunk);
-            let ids = prefill_piece(&head.prompt, head.pieces, chunk);
-            let logits = if last {
-                self.model
-                    .lm
-                    .next_token_logits(ids, &mut head.cache)
-                    .and_then(|logits| logits.to_vec1::<f32>())
-                    .map(Some)
-                    .map_err(InferError::from)
-            } else {
-                extend_cache(self.model, ids, &mut head.cache).map(|()| None)
-            };
+            let logits = prefill_next_piece(
+                self.model,
+                &head.prompt,
+                head.pieces,
+                chunk,
+                &mut head.cache,
+            );
             head.seconds += started.elapsed().as_secs_f64();
             head.pieces += 1;
             spent += piece;

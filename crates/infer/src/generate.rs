@@ -184,8 +184,20 @@ pub(crate) fn prefill_piece(prompt: &[u32], n: usize, chunk: usize) -> &[u32] {
     &prompt[start..start.saturating_add(chunk).min(prompt.len())]
 }
 
-/// Runs `ids` into the cache, without the logits (a prefill piece before the last).
-pub(crate) fn extend_cache(model: &LoadedModel, ids: &[u32], cache: &mut KvCache) -> Result<()> {
+/// Runs the `n`-th piece of `prompt` (pieces of `chunk` tokens) into the cache: the logits of
+/// the position after the prompt once it is the last piece, `None` before (no logits are
+/// computed for a piece before the last).
+pub(crate) fn prefill_next_piece(
+    model: &LoadedModel,
+    prompt: &[u32],
+    n: usize,
+    chunk: usize,
+    cache: &mut KvCache,
+) -> Result<Option<Vec<f32>>> {
+    let ids = prefill_piece(prompt, n, chunk);
+    if (n + 1).saturating_mul(chunk) >= prompt.len() {
+        return last_logits(model, ids, cache).map(Some);
+    }
     let input = Tensor::new(ids, model.lm.device())?.unsqueeze(0)?;
     let options = ForwardOptions {
         last_only: true,
@@ -193,21 +205,19 @@ pub(crate) fn extend_cache(model: &LoadedModel, ids: &[u32], cache: &mut KvCache
         ..ForwardOptions::default()
     };
     model.lm.forward(&input, Some(cache), &options)?;
-    Ok(())
+    Ok(None)
 }
 
 /// Prefills a whole prompt, piece by piece (as [`generate`] does): the logits of the
 /// position after it.
 pub fn prefill(model: &LoadedModel, prompt: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-    let pieces = prompt.len().div_ceil(PREFILL_CHUNK).max(1);
-    for n in 0..pieces - 1 {
-        extend_cache(model, prefill_piece(prompt, n, PREFILL_CHUNK), cache)?;
+    let mut n = 0;
+    loop {
+        if let Some(logits) = prefill_next_piece(model, prompt, n, PREFILL_CHUNK, cache)? {
+            return Ok(logits);
+        }
+        n += 1;
     }
-    last_logits(
-        model,
-        prefill_piece(prompt, pieces - 1, PREFILL_CHUNK),
-        cache,
-    )
 }
 
 /// Continue several prompts at once: left-padded to one length, prefilled together, then one

@@ -166,7 +166,8 @@ fn run_anchor(args: &GenerateBenchArgs, gguf: &Path) -> anyhow::Result<Speed> {
 }
 
 /// The measured run, in its own process so that the thread count applies: prefill of the
-/// prompt (in pieces, as `generate` does), then greedy decoding of `new_tokens` (stop tokens ignored).
+/// prompt (in pieces, as `generate` does), then greedy decoding of `new_tokens` (stop tokens
+/// ignored).
 pub fn run_measurement(
     model: &Path,
     prompt_tokens: usize,
@@ -191,8 +192,8 @@ pub fn run_measurement(
     // As `generate` prefills: in pieces of PREFILL_CHUNK tokens.
     let logits = medcoder_infer::prefill(&model, &prompt, &mut cache)?;
     let prefill = started.elapsed().as_secs_f64();
-    let started = Instant::now();
     let mut logits = candle_core::Tensor::new(logits.as_slice(), &candle_core::Device::Cpu)?;
+    let started = Instant::now();
     for _ in 0..new_tokens {
         let id = medcoder_models::transformer::argmax(&logits)?;
         logits = model.lm.next_token_logits(&[id], &mut cache)?;
