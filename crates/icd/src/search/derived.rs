@@ -39,20 +39,62 @@ pub(super) struct Listed {
     pub signature: [u64; 2],
 }
 
-/// What scoring a text reads, in one record (one cache miss, not one per table).
+/// Term ids a text's record holds itself (the record is one 64-byte cache line).
+const INLINE_TERMS: usize = 18;
+
+/// What scoring a text reads, in one record: one cache miss, not one per table, and for the
+/// texts of at most [`INLINE_TERMS`] terms, each of term frequency 1 and an id below 2¹⁶
+/// (nearly all: the index counts a term once per text, and the code sets' vocabulary is
+/// ~30k words), not a second one for its term list.
 #[derive(Debug, Clone, Copy)]
-#[repr(align(32))]
+#[repr(C, align(64))]
 pub(super) struct TextInfo {
     /// `K1 * norm`, BM25's length normalization.
     pub k1_norm: f32,
     /// The index's `doc_weight`.
     pub weight: f32,
+    /// The code it is a text of.
+    pub code: DocRef,
     /// Where its terms are in `text_terms`.
     terms: (u32, u32),
     /// Distinct essential terms (the index's `doc_essential`).
     pub essential: u16,
-    /// The code it is a text of.
-    pub code: DocRef,
+    /// How many of `inline` are its terms, or [`NOT_INLINE`]: read them from `text_terms`.
+    inline_len: u8,
+    /// Its term ids, ascending, each of term frequency 1.
+    inline: [u16; INLINE_TERMS],
+}
+
+const NOT_INLINE: u8 = u8::MAX;
+const _: () = assert!(std::mem::size_of::<TextInfo>() == 64);
+
+impl TextInfo {
+    /// The term frequency of `term` in this text, if it holds the term.
+    #[inline]
+    pub fn tf(&self, term: u32, derived: &Derived) -> Option<f32> {
+        if self.inline_len == NOT_INLINE {
+            let own = &derived.text_terms[self.terms.0 as usize..self.terms.1 as usize];
+            let at = own.binary_search_by_key(&term, |(t, _)| *t).ok()?;
+            return Some(own[at].1);
+        }
+        let term = u16::try_from(term).ok()?;
+        let inline = &self.inline[..usize::from(self.inline_len)];
+        inline.contains(&term).then_some(1.0)
+    }
+}
+
+/// Asks the CPU to bring `item` into the cache ahead of its use (a hint: nothing is read).
+#[inline(always)]
+#[allow(unsafe_code)]
+pub(super) fn prefetch<T>(item: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch neither reads nor faults; SSE is part of x86-64's baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(item).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = item;
 }
 
 #[derive(Debug, Clone, Default)]
@@ -90,13 +132,15 @@ impl Derived {
         for i in 1..text_terms_start.len() {
             text_terms_start[i] += text_terms_start[i - 1];
         }
-        let texts: Vec<TextInfo> = (0..index.docs.len())
+        let mut texts: Vec<TextInfo> = (0..index.docs.len())
             .map(|doc| TextInfo {
                 k1_norm: k1_norm(doc),
                 weight: index.doc_weight[doc],
                 terms: (text_terms_start[doc], text_terms_start[doc + 1]),
                 essential: index.doc_essential[doc],
                 code: index.docs[doc],
+                inline_len: NOT_INLINE,
+                inline: [0; INLINE_TERMS],
             })
             .collect();
         let mut fill = text_terms_start;
@@ -120,6 +164,16 @@ impl Derived {
                 signatures[doc as usize][word] |= bit;
             }
             term_max.push(max);
+        }
+        for text in &mut texts {
+            let own = &text_terms[text.terms.0 as usize..text.terms.1 as usize];
+            let fits = |&(term, tf): &(u32, f32)| tf == 1.0 && u16::try_from(term).is_ok();
+            if own.len() <= INLINE_TERMS && own.iter().all(fits) {
+                for (slot, &(term, _)) in text.inline.iter_mut().zip(own) {
+                    *slot = term as u16;
+                }
+                text.inline_len = own.len() as u8;
+            }
         }
         let mut term_start = Vec::with_capacity(index.postings.len() + 1);
         let mut by_lone_bound: Vec<Listed> = Vec::with_capacity(total);
@@ -173,11 +227,6 @@ impl Derived {
         }
     }
 
-    /// A text's (term, term frequency), sorted by term.
-    pub fn terms_of(&self, text: &TextInfo) -> &[(u32, f32)] {
-        &self.text_terms[text.terms.0 as usize..text.terms.1 as usize]
-    }
-
     /// The texts a term is in with their lone bounds, highest first.
     pub fn texts_by_lone_bound(&self, term: u32) -> &[Listed] {
         &self.by_lone_bound[self.term_range(term)]
@@ -192,5 +241,52 @@ impl Derived {
         let start = self.nos_start[index as usize] as usize;
         let end = self.nos_start[index as usize + 1] as usize;
         &self.nos_terms[start..end]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use medcoder_assets::MedcoderHome;
+
+    use crate::IcdKnowledge;
+
+    #[test]
+    fn a_texts_record_holds_the_terms_of_its_term_list() {
+        let Some(kb) = MedcoderHome::from_env()
+            .ok()
+            .and_then(|home| IcdKnowledge::load(&home).ok())
+        else {
+            eprintln!("skipping: ICD assets not installed (medcoder assets fetch)");
+            return;
+        };
+        let index = kb.search_index();
+        let derived = index
+            .derived
+            .get_or_init(|| super::Derived::new(index, &kb.cm));
+        let (mut inline, mut listed) = (0, 0);
+        for text in &derived.texts {
+            let own = &derived.text_terms[text.terms.0 as usize..text.terms.1 as usize];
+            for &(term, tf) in own {
+                assert_eq!(text.tf(term, derived), Some(tf));
+            }
+            // Terms it does not hold, around and between its own.
+            for &(term, _) in own {
+                for other in [term.wrapping_sub(1), term + 1, term + 70_000] {
+                    if own.iter().all(|&(t, _)| t != other) {
+                        assert_eq!(text.tf(other, derived), None);
+                    }
+                }
+            }
+            if text.inline_len == super::NOT_INLINE {
+                listed += 1;
+            } else {
+                inline += 1;
+            }
+        }
+        // Both ways of reading a text are exercised, and the record serves nearly all.
+        assert!(
+            listed > 0 && inline > 50 * listed,
+            "{inline} inline, {listed} listed"
+        );
     }
 }

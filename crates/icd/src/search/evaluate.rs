@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 
-use super::derived::{signature_bit, Derived, Listed};
+use super::derived::{prefetch, signature_bit, Derived, Listed};
 use super::query::Analyzer;
 use super::scratch::Scratch;
 use super::{
@@ -34,6 +34,8 @@ use crate::CodeSystem;
 
 /// Queries of at most this many known terms are matched against texts' signatures.
 const MASKED_TERMS: usize = 64;
+/// How many texts ahead in a term's list a text's record is prefetched.
+const PREFETCH_AHEAD: usize = 8;
 /// Slack on the bound for the rounding of sums of `f32`s.
 const BOUND_SLACK: f32 = 1.001;
 
@@ -249,9 +251,17 @@ impl Query<'_> {
             }
             let idf_sum: f32 = rest.iter().map(|&i| self.terms[i].weighted_idf).sum();
             let scale = idf_sum * answered * lone_factor * boost * BOUND_SLACK;
-            for listed in self.derived.texts_by_lone_bound(self.terms[next].id) {
+            let list = self.derived.texts_by_lone_bound(self.terms[next].id);
+            for (at, listed) in list.iter().enumerate() {
                 let doc = listed.doc;
                 let kth = self.kth(scratch);
+                // The record of a text a few places on is fetched while this one is decided:
+                // reading it was most of a search's time.
+                if let Some(ahead) = list.get(at + PREFETCH_AHEAD) {
+                    if ahead.lone_bound * scale >= kth {
+                        prefetch(&self.derived.texts[ahead.doc as usize]);
+                    }
+                }
                 // Bounds what this text, and every text after it, can score.
                 if listed.lone_bound * scale < kth {
                     break;
@@ -337,12 +347,10 @@ impl Query<'_> {
     /// rule out; every term where `None`), summed in query order, and raises its code.
     fn score_text(&self, scratch: &mut Scratch, doc: u32, maybe: Option<u64>) {
         let text = &self.derived.texts[doc as usize];
-        let own = self.derived.terms_of(text);
         let k1_norm = text.k1_norm;
         let mut hits = TextHits::default();
         let mut add = |term: &QueryTerm| {
-            if let Ok(at) = own.binary_search_by_key(&term.id, |(t, _)| *t) {
-                let tf = own[at].1;
+            if let Some(tf) = text.tf(term.id, self.derived) {
                 hits.score += term.weighted_idf * tf * (K1 + 1.0) / (tf + k1_norm);
                 hits.matched += 1;
                 hits.matched_weight += term.weight;
