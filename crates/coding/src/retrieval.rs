@@ -337,7 +337,14 @@ impl RetrievalIndex {
                 let matches: Vec<SemanticMatch> = embedded
                     .par_iter()
                     .enumerate()
-                    .map(|(d, n)| semantic.match_note(n, Some(d)))
+                    .map(|(d, n)| {
+                        semantic.match_note(
+                            n,
+                            Some(d),
+                            &index.codes_of_kind,
+                            DESCRIPTION_CANDIDATES,
+                        )
+                    })
                     .collect();
                 index.semantic = Some(semantic);
                 Some(matches)
@@ -676,9 +683,9 @@ impl RetrievalIndex {
             .filter(|_| self.rerankers.iter().any(Option::is_some))
             .map(|l| l.candidates(text));
         let semantic = match (&self.semantic, embedder) {
-            (Some(index), Some(embedder)) if self.rerankers.iter().any(Option::is_some) => {
-                Some(index.match_text(embedder, text)?)
-            }
+            (Some(index), Some(embedder)) if self.rerankers.iter().any(Option::is_some) => Some(
+                index.match_text(embedder, text, &self.codes_of_kind, DESCRIPTION_CANDIDATES)?,
+            ),
             _ => None,
         };
         let sentences = NoteSentences::new(text, &words);

@@ -21,6 +21,7 @@ pub mod lora_train_cpu;
 pub mod nf4;
 pub mod parameters;
 pub mod qmatmul_cpu;
+pub mod quantized_rows;
 pub mod recompute;
 pub mod row_dots;
 pub mod sentence_embedder;

@@ -31,6 +31,17 @@ pub fn row_dots(table: &[f32], queries: &[f32], dim: usize, out: &mut Vec<f32>) 
     portable_row_dots(table, queries, dim, out);
 }
 
+/// One dot product, to the bit what [`row_dots`] gives for the same pair (the same lanes, in
+/// the same order), so that a pair picked from an approximate pass can be computed alone.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { avx2::dot(a, b) };
+    }
+    portable_dot(a, b)
+}
+
 /// The same for one query: its dot product with every row.
 pub fn dots_with(table: &[f32], query: &[f32]) -> Vec<f32> {
     let mut out = Vec::new();
@@ -147,7 +158,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let dim = a.len().min(b.len());
         let full = dim / 8 * 8;
         let mut acc = _mm256_setzero_ps();
@@ -223,6 +234,17 @@ mod tests {
             portable_row_dots(&table, &qs, dim, &mut portable);
             for (a, b) in portable.iter().zip(&out) {
                 assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()));
+            }
+        }
+        // A pair alone is the same number as in the table's pass, at every block position.
+        let (rows, queries, dim) = (11, 7, 387);
+        let table = pseudo_random(rows * dim, 3);
+        let qs = pseudo_random(queries * dim, 5);
+        let mut out = Vec::new();
+        row_dots(&table, &qs, dim, &mut out);
+        for (q, query) in qs.chunks_exact(dim).enumerate() {
+            for (r, row) in table.chunks_exact(dim).enumerate() {
+                assert_eq!(dot(query, row).to_bits(), out[q * rows + r].to_bits());
             }
         }
         assert_eq!(dots_with(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0]), [3.0, 7.0]);

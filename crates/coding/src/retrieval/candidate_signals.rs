@@ -6,8 +6,7 @@ use foldhash::{HashMap, HashMapExt};
 use super::mentions::{MentionMatch, MentionScore};
 use super::semantic::SemanticMatch;
 use super::{
-    CandidateSet, RetrievalIndex, DESCRIPTION_CANDIDATES, MENTION_CANDIDATES, SEMANTIC_NEIGHBOURS,
-    SEMANTIC_TEMPERATURE,
+    CandidateSet, RetrievalIndex, MENTION_CANDIDATES, SEMANTIC_NEIGHBOURS, SEMANTIC_TEMPERATURE,
 };
 use crate::prediction::CodeKind;
 use crate::rerank::{MentionVote, Signals};
@@ -62,17 +61,13 @@ impl RetrievalIndex {
             entry.semantic_knn = share;
             entry.semantic_knn_rank = rank + 1;
         }
-        let cosine = |code: u32| m.descriptions.get(code as usize).copied().unwrap_or(0.0);
-        let mut closest: Vec<u32> = self.codes_of_kind[kind].clone();
-        let keep = DESCRIPTION_CANDIDATES.min(closest.len());
-        if keep > 0 {
-            closest.select_nth_unstable_by(keep - 1, |&a, &b| {
-                cosine(b).total_cmp(&cosine(a)).then(a.cmp(&b))
-            });
-            closest.truncate(keep);
-            closest.sort_by(|&a, &b| cosine(b).total_cmp(&cosine(a)).then(a.cmp(&b)));
-        }
-        for (rank, &code) in closest.iter().enumerate() {
+        let cosine = |code: u32| {
+            self.semantic
+                .as_ref()
+                .map_or(0.0, |index| index.description_cosine(m, code))
+        };
+        let closest = &m.closest_descriptions[kind];
+        for (rank, &(code, _)) in closest.iter().enumerate() {
             let entry = signals.entry(&self.codes[code as usize].0, || training(code, kind));
             entry.description_rank = rank + 1;
         }

@@ -6,8 +6,10 @@
 //! codes that say the same thing in other words, which the TF-IDF and lexical signals miss.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
-use medcoder_models::row_dots::{dots_with, row_dots};
+use medcoder_models::quantized_rows::QuantizedRows;
+use medcoder_models::row_dots::{dot, dots_with};
 use medcoder_models::SentenceEmbedder;
 use serde::{Deserialize, Serialize};
 
@@ -15,12 +17,17 @@ use super::mentions::MentionMatch;
 use crate::text::sentences;
 use crate::CodingError;
 
-/// Cosines of a note's embedding: to every fitted note, and per code id its description's
-/// best match among the note's sentences (0 for codes without a description).
+/// Cosines of a note's embedding: to every fitted note, and per kind the code ids whose
+/// descriptions best match one of the note's sentences (any other code's:
+/// [`SemanticIndex::description_cosine`]).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SemanticMatch {
     pub notes: Vec<f32>,
-    pub descriptions: Vec<f32>,
+    /// Per kind: (code id, its description's best cosine with a sentence), best first (ties
+    /// to the lower id), as many as asked for.
+    pub closest_descriptions: [Vec<(u32, f32)>; 2],
+    /// The note's sentences' embeddings (rows).
+    sentences: Vec<f32>,
     /// The codes whose annotated mention sentences are closest to the note's sentences.
     pub mentions: MentionMatch,
 }
@@ -55,6 +62,10 @@ pub(crate) struct SemanticIndex {
     mention_rows: Vec<f32>,
     #[serde(default)]
     mention_of: Vec<(u32, Vec<u32>)>,
+    /// `descriptions` and `mention_rows` rounded to integers, for a first pass that rules
+    /// out most rows before the exact products (built on first use).
+    #[serde(skip)]
+    quantized: OnceLock<[QuantizedRows; 2]>,
 }
 
 /// A note's sentences' embeddings (rows) and its own embedding.
@@ -163,53 +174,121 @@ impl SemanticIndex {
             descriptions: table,
             mention_rows,
             mention_of,
+            quantized: OnceLock::new(),
         })
     }
 
-    /// The note's cosines to every fitted note and every code's description, and the votes of
-    /// the mention sentences closest to its sentences (`skip`: a fitted note's left out).
-    pub fn match_note(&self, note: &EmbeddedNote, skip: Option<usize>) -> SemanticMatch {
+    /// The note's cosines to every fitted note, per kind the `keep` codes (of
+    /// `codes_of_kind`) whose descriptions are closest to one of its sentences, and the votes
+    /// of the mention sentences closest to its sentences (`skip`: a fitted note's left out).
+    ///
+    /// Sentences × descriptions and sentences × mention sentences are millions of products a
+    /// note; a first pass in integers bounds each one, and only the rows that can still be
+    /// among the closest are computed exactly, so the answer is the `f32` pass's to the bit.
+    pub fn match_note(
+        &self,
+        note: &EmbeddedNote,
+        skip: Option<usize>,
+        codes_of_kind: &[Vec<u32>; 2],
+        keep: usize,
+    ) -> SemanticMatch {
         let dim = self.dimension;
         if dim == 0 || note.note.len() != dim {
             return SemanticMatch::default();
         }
         let to_notes = dots_with(&self.notes, &note.note);
-        let codes = self.descriptions.len() / dim;
-        let mut cosines = Vec::new();
-        // [sentences, codes] → best sentence per code
-        row_dots(&self.descriptions, &note.sentences, dim, &mut cosines);
-        let to_descriptions = if note.sentences.is_empty() {
-            vec![0.0; codes]
-        } else {
-            let mut best = vec![f32::NEG_INFINITY; codes];
-            for sentence in cosines.chunks_exact(codes.max(1)) {
-                best.iter_mut()
-                    .zip(sentence)
-                    .for_each(|(b, c)| *b = b.max(*c));
-            }
-            best
-        };
-        let mentions = if self.mention_of.is_empty() || note.sentences.is_empty() {
-            MentionMatch::default()
-        } else {
-            row_dots(&self.mention_rows, &note.sentences, dim, &mut cosines);
-            self.mention_votes(&cosines, skip)
-        };
-        SemanticMatch {
+        let [descriptions, mention_rows] = self.quantized.get_or_init(|| {
+            [
+                QuantizedRows::new(&self.descriptions, dim),
+                QuantizedRows::new(&self.mention_rows, dim),
+            ]
+        });
+        let sentences = QuantizedRows::new(&note.sentences, dim);
+        let (mut approx, mut bound) = (Vec::new(), Vec::new());
+        let mut m = SemanticMatch {
             notes: to_notes,
-            descriptions: to_descriptions,
-            mentions,
+            sentences: note.sentences.clone(),
+            ..SemanticMatch::default()
+        };
+        // [sentences, codes] → per code the best sentence's bounds
+        descriptions.dots_with_bounds(&sentences, &mut approx, &mut bound);
+        let codes = descriptions.rows();
+        let (mut low, mut high) = (vec![0f32; codes], vec![0f32; codes]);
+        if sentences.rows() > 0 {
+            low.fill(f32::NEG_INFINITY);
+            high.fill(f32::NEG_INFINITY);
+            for (a, b) in approx
+                .chunks_exact(codes.max(1))
+                .zip(bound.chunks_exact(codes.max(1)))
+            {
+                for c in 0..codes {
+                    low[c] = low[c].max(a[c] - b[c]);
+                    high[c] = high[c].max(a[c] + b[c]);
+                }
+            }
         }
+        for (kind, of_kind) in codes_of_kind.iter().enumerate() {
+            let cosine = |code: u32| self.description_cosine(&m, code);
+            let candidates = survivors(of_kind, keep, &low, &high);
+            let mut closest: Vec<(u32, f32)> = candidates.map(|c| (c, cosine(c))).collect();
+            closest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            closest.truncate(keep);
+            m.closest_descriptions[kind] = closest;
+        }
+        if !self.mention_of.is_empty() && sentences.rows() > 0 {
+            mention_rows.dots_with_bounds(&sentences, &mut approx, &mut bound);
+            m.mentions = self.mention_votes(&note.sentences, (&approx, &bound), skip);
+        }
+        m
     }
 
-    /// Each sentence's closest mention sentences (cosines: [sentence, mention row], row-major)
-    /// vote for their codes with a power of their cosine.
-    fn mention_votes(&self, cosines: &[f32], skip: Option<usize>) -> MentionMatch {
+    /// The best cosine of a code's description with one of the note's sentences (0 for a code
+    /// without a description, or a note without sentences).
+    pub fn description_cosine(&self, m: &SemanticMatch, code: u32) -> f32 {
+        let dim = self.dimension;
+        let Some(row) = self
+            .descriptions
+            .get(code as usize * dim..(code as usize + 1) * dim)
+        else {
+            return 0.0;
+        };
+        if dim == 0 || m.sentences.is_empty() {
+            return 0.0;
+        }
+        m.sentences
+            .chunks_exact(dim)
+            .map(|sentence| dot(row, sentence))
+            .fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// Each sentence's closest mention sentences vote for their codes with a power of their
+    /// cosine. `(approx, bound)`: [sentence, mention row] products of the integer pass, each
+    /// within its bound of the exact one; only rows that can be among a sentence's closest
+    /// are computed exactly.
+    fn mention_votes(
+        &self,
+        sentences: &[f32],
+        (approx, bound): (&[f32], &[f32]),
+        skip: Option<usize>,
+    ) -> MentionMatch {
+        let dim = self.dimension;
+        let rows = self.mention_of.len();
+        let eligible = |r: usize| Some(self.mention_of[r].0 as usize) != skip;
         let mut found = MentionMatch::default();
-        for (s, sentence) in cosines.chunks_exact(self.mention_of.len()).enumerate() {
-            let rows = closest_rows(sentence, |r| Some(self.mention_of[r].0 as usize) != skip);
-            for &r in &rows {
-                let cosine = sentence[r];
+        for (s, sentence) in sentences.chunks_exact(dim).enumerate() {
+            let (a, b) = (
+                &approx[s * rows..(s + 1) * rows],
+                &bound[s * rows..(s + 1) * rows],
+            );
+            // No row below the K-th best lower bound can be among the K closest.
+            let floor = kth_largest(
+                (0..rows).filter(|&r| eligible(r)).map(|r| a[r] - b[r]),
+                MENTION_SENTENCES_PER_SENTENCE,
+            );
+            let exact = (0..rows)
+                .filter(|&r| a[r] + b[r] >= floor && a[r] + b[r] > 0.0 && eligible(r))
+                .map(|r| (r, dot(&self.mention_rows[r * dim..(r + 1) * dim], sentence)));
+            for (r, cosine) in closest_rows(exact) {
                 for &code in &self.mention_of[r].1 {
                     let score = found.entry(code).or_default();
                     score.votes += cosine.powi(MENTION_COSINE_POWER);
@@ -228,31 +307,70 @@ impl SemanticIndex {
         &self,
         embedder: &SentenceEmbedder,
         text: &str,
+        codes_of_kind: &[Vec<u32>; 2],
+        keep: usize,
     ) -> Result<SemanticMatch, CodingError> {
         let embedded = embed_notes(embedder, &[text])?;
         Ok(embedded
             .first()
-            .map(|note| self.match_note(note, None))
+            .map(|note| self.match_note(note, None, codes_of_kind, keep))
             .unwrap_or_default())
     }
 }
 
-/// The [`MENTION_SENTENCES_PER_SENTENCE`] rows of highest positive cosine that `eligible`
-/// lets through, best first (ties to the lower row), in one pass: a row is compared with the
-/// worst kept so far, and most are not kept.
-fn closest_rows(cosines: &[f32], eligible: impl Fn(usize) -> bool) -> Vec<usize> {
+/// The [`MENTION_SENTENCES_PER_SENTENCE`] rows of highest positive cosine among `rows`
+/// ((row, cosine) in increasing row order), best first (ties to the lower row), in one pass:
+/// a row is compared with the worst kept so far, and most are not kept.
+fn closest_rows(rows: impl Iterator<Item = (usize, f32)>) -> Vec<(usize, f32)> {
     const K: usize = MENTION_SENTENCES_PER_SENTENCE;
-    let mut kept: Vec<usize> = Vec::with_capacity(K + 1);
-    for (r, &cosine) in cosines.iter().enumerate() {
+    let mut kept: Vec<(usize, f32)> = Vec::with_capacity(K + 1);
+    for (r, cosine) in rows {
         // Rows come in increasing order, so a tie with the worst kept loses to it.
-        let beats_worst = kept.len() < K || kept.last().is_some_and(|&w| cosine > cosines[w]);
-        if cosine > 0.0 && beats_worst && eligible(r) {
-            let at = kept.partition_point(|&k| cosines[k] >= cosine);
-            kept.insert(at, r);
+        let beats_worst = kept.len() < K || kept.last().is_some_and(|w| cosine > w.1);
+        if cosine > 0.0 && beats_worst {
+            let at = kept.partition_point(|k| k.1 >= cosine);
+            kept.insert(at, (r, cosine));
             kept.truncate(K);
         }
     }
     kept
+}
+
+/// The `k`-th largest of `values` (−∞ when there are fewer).
+fn kth_largest(values: impl Iterator<Item = f32>, k: usize) -> f32 {
+    let mut top: Vec<f32> = Vec::with_capacity(k + 1);
+    for v in values {
+        if top.len() < k || top.last().is_some_and(|&w| v > w) {
+            let at = top.partition_point(|&t| t >= v);
+            top.insert(at, v);
+            top.truncate(k);
+        }
+    }
+    if k > 0 && top.len() == k {
+        top[k - 1]
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// The codes of `of_kind` that can be among the `keep` of highest exact value, given each
+/// code's lower and upper bound: those whose upper bound reaches the `keep`-th best lower one.
+fn survivors<'a>(
+    of_kind: &'a [u32],
+    keep: usize,
+    low: &'a [f32],
+    high: &'a [f32],
+) -> impl Iterator<Item = u32> + 'a {
+    let bound = |c: u32, table: &[f32]| table.get(c as usize).copied().unwrap_or(0.0);
+    let floor = if keep == 0 {
+        f32::INFINITY
+    } else {
+        kth_largest(of_kind.iter().map(|&c| bound(c, low)), keep)
+    };
+    of_kind
+        .iter()
+        .copied()
+        .filter(move |&c| bound(c, high) >= floor)
 }
 
 #[cfg(test)]
@@ -292,18 +410,20 @@ mod tests {
             code: note as u32,
         });
         let index = SemanticIndex::build(&embedder, &embedded, &descriptions, &mentions).unwrap();
+        // Codes 0 and 1 of one kind, code 2 of the other.
+        let kinds = [vec![0, 1], vec![2]];
         // Shares no content word with the second note or the pneumonia description.
         let query = "Fever and a productive cough. The chest film showed a lung infection.";
-        let m = index.match_text(&embedder, query).unwrap();
+        let m = index.match_text(&embedder, query, &kinds, 2).unwrap();
         assert_eq!(m.notes.len(), 2);
         assert!(m.notes[1] > m.notes[0] + 0.1, "{:?}", m.notes);
-        assert_eq!(m.descriptions.len(), 3);
-        assert!(
-            m.descriptions[1] > m.descriptions[0] + 0.1,
-            "{:?}",
-            m.descriptions
-        );
-        assert_eq!(m.descriptions[2], 0.0);
+        let closest = &m.closest_descriptions[0];
+        assert_eq!(closest.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 0]);
+        assert!(closest[0].1 > closest[1].1 + 0.1, "{closest:?}");
+        assert_eq!(index.description_cosine(&m, 1), closest[0].1);
+        assert_eq!(m.closest_descriptions[1], [(2, 0.0)]);
+        assert_eq!(index.description_cosine(&m, 2), 0.0);
+        assert_eq!(index.description_cosine(&m, 7), 0.0);
         // The annotated pneumonia sentence is closer to the query's sentences than the
         // diabetes one; left out with its note, it votes no more.
         assert!(
@@ -312,28 +432,145 @@ mod tests {
             m.mentions
         );
         let embedded_query = embed_notes(&embedder, &[query]).unwrap();
-        let without_note_1 = index.match_note(&embedded_query[0], Some(1)).mentions;
+        let without_note_1 = index
+            .match_note(&embedded_query[0], Some(1), &kinds, 2)
+            .mentions;
         assert_eq!(without_note_1.keys().collect::<Vec<_>>(), [&0]);
         // Read back from JSON, the index matches the same.
         let back: SemanticIndex =
             serde_json::from_str(&serde_json::to_string(&index).unwrap()).unwrap();
-        assert_eq!(back.match_text(&embedder, query).unwrap().notes, m.notes);
+        assert_eq!(
+            back.match_text(&embedder, query, &kinds, 2).unwrap().notes,
+            m.notes
+        );
     }
 
     #[test]
-    fn closest_rows_are_the_best_positive_eligible_ones_ties_to_the_lower_row() {
+    fn closest_rows_are_the_best_positive_ones_ties_to_the_lower_row() {
         let cosines = [0.5, -0.2, 0.9, 0.5, 0.0, 0.7, 0.5, 0.9, 0.1, 0.3];
-        let all = closest_rows(&cosines, |_| true);
+        let rows = |skip: &[usize]| {
+            closest_rows(
+                cosines
+                    .iter()
+                    .enumerate()
+                    .filter(|(r, _)| !skip.contains(r))
+                    .map(|(r, &c)| (r, c)),
+            )
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect::<Vec<_>>()
+        };
+        let all = rows(&[]);
         assert_eq!(all, [2, 7, 5, 0, 3]);
         // The sort this replaces: by cosine descending, then row ascending.
         let mut sorted: Vec<usize> = (0..cosines.len()).filter(|&r| cosines[r] > 0.0).collect();
         sorted.sort_by(|&a, &b| cosines[b].total_cmp(&cosines[a]).then(a.cmp(&b)));
         assert_eq!(all, sorted[..MENTION_SENTENCES_PER_SENTENCE]);
+        assert_eq!(rows(&[7, 0]), [2, 5, 3, 6, 9]);
+        assert!(closest_rows([(0, -1.0), (1, 0.0)].into_iter()).is_empty());
         assert_eq!(
-            closest_rows(&cosines, |r| r != 7 && r != 0),
-            [2, 5, 3, 6, 9]
+            closest_rows([(0, 0.2), (1, 0.4)].into_iter()),
+            [(1, 0.4), (0, 0.2)]
         );
-        assert_eq!(closest_rows(&[-1.0, 0.0], |_| true), Vec::<usize>::new());
-        assert_eq!(closest_rows(&[0.2, 0.4], |_| true), [1, 0]);
+    }
+
+    #[test]
+    fn the_pruned_match_is_the_full_f32_one() {
+        use medcoder_models::row_dots::row_dots;
+        let dim = 40;
+        let mut state = 7u32;
+        let mut vectors = |n: usize| -> Vec<f32> {
+            let mut v: Vec<f32> = (0..n * dim)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    (state % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect();
+            // Close rows: near-ties that only the exact pass tells apart.
+            for row in v.chunks_exact_mut(dim) {
+                row[0] += 3.0;
+                normalize(row);
+            }
+            v
+        };
+        let (codes, rows) = (50, 60);
+        let index = SemanticIndex {
+            embedder: "test".into(),
+            dimension: dim,
+            notes: vectors(3),
+            descriptions: vectors(codes),
+            mention_rows: vectors(rows),
+            mention_of: (0..rows)
+                .map(|r| ((r % 3) as u32, vec![(r % 7) as u32]))
+                .collect(),
+            quantized: OnceLock::new(),
+        };
+        let note = EmbeddedNote {
+            sentences: vectors(6),
+            note: vectors(1),
+        };
+        let kinds = [(0..30).collect::<Vec<u32>>(), (30..50).collect()];
+        let m = index.match_note(&note, Some(1), &kinds, 4);
+        let mut cosines = Vec::new();
+        row_dots(&index.descriptions, &note.sentences, dim, &mut cosines);
+        let best: Vec<f32> = (0..codes)
+            .map(|c| {
+                (0..6)
+                    .map(|s| cosines[s * codes + c])
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
+            .collect();
+        for (kind, of_kind) in kinds.iter().enumerate() {
+            let mut want: Vec<(u32, f32)> =
+                of_kind.iter().map(|&c| (c, best[c as usize])).collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(4);
+            assert_eq!(m.closest_descriptions[kind], want);
+        }
+        row_dots(&index.mention_rows, &note.sentences, dim, &mut cosines);
+        let mut want = MentionMatch::default();
+        for (s, sentence) in cosines.chunks_exact(rows).enumerate() {
+            let eligible = sentence
+                .iter()
+                .enumerate()
+                .filter(|(r, _)| index.mention_of[*r].0 != 1)
+                .map(|(r, &c)| (r, c));
+            for (r, cosine) in closest_rows(eligible) {
+                for &code in &index.mention_of[r].1 {
+                    let score = want.entry(code).or_default();
+                    score.votes += cosine.powi(MENTION_COSINE_POWER);
+                    if cosine > score.best {
+                        score.best = cosine;
+                        score.sentence = s;
+                    }
+                }
+            }
+        }
+        assert!(!want.is_empty());
+        let sorted = |found: &MentionMatch| {
+            let mut all: Vec<String> = found.iter().map(|e| format!("{e:?}")).collect();
+            all.sort();
+            all
+        };
+        assert_eq!(sorted(&m.mentions), sorted(&want));
+    }
+
+    #[test]
+    fn survivors_hold_every_code_that_can_make_the_best() {
+        assert_eq!(kth_largest([3.0, 1.0, 2.0].into_iter(), 2), 2.0);
+        assert_eq!(kth_largest([3.0].into_iter(), 2), f32::NEG_INFINITY);
+        // Exact values 0.9, 0.5, 0.45, 0.1 known to ±0.1 (code 2's to ±0.01): the best two
+        // are 0 and 1; code 2 (high 0.46) can still beat code 1 (low 0.4), code 3 cannot.
+        let low = [0.8, 0.4, 0.44, 0.0];
+        let high = [1.0, 0.6, 0.46, 0.2];
+        let codes = [0, 1, 2, 3];
+        assert_eq!(
+            survivors(&codes, 2, &low, &high).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert_eq!(survivors(&codes, 0, &low, &high).count(), 0);
+        assert_eq!(survivors(&codes, 9, &low, &high).count(), 4);
     }
 }
