@@ -473,7 +473,7 @@ impl IcdKnowledge {
     /// Builds the search's lookup tables now rather than on the first [`Self::search`]
     /// (servers call it while loading, so that no request waits for it).
     pub fn prepare_search(&self) {
-        self.search_index.prepare(&self.cm);
+        self.search_index.prepare(&self.cm, &self.pcs);
     }
 
     /// Codes ranked for a free-text query, as [`Self::search`] ranks them, without their

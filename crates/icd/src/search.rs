@@ -169,8 +169,8 @@ impl SearchIndex {
 
     /// Builds what searches read beyond the index itself (a fraction of a second), so that
     /// the first search does not wait for it.
-    pub fn prepare(&self, cm: &CmCodeSet) {
-        self.derived.get_or_init(|| Derived::new(self, cm));
+    pub fn prepare(&self, cm: &CmCodeSet, pcs: &PcsCodeSet) {
+        self.derived.get_or_init(|| Derived::new(self, cm, pcs));
     }
 
     /// The best `limit` documents for a free-text query.
@@ -193,7 +193,7 @@ impl SearchIndex {
         (cm, pcs): (&CmCodeSet, &PcsCodeSet),
         pruning: Pruning,
     ) -> Vec<RankedDoc> {
-        let derived = self.derived.get_or_init(|| Derived::new(self, cm));
+        let derived = self.derived.get_or_init(|| Derived::new(self, cm, pcs));
         let mut scratch = Scratch::take(self.docs.len(), cm.entries.len(), pcs.codes.len());
         let ranked = evaluate::search(
             self,
@@ -246,13 +246,6 @@ fn without_parentheses(text: &str) -> String {
             false
         })
         .collect()
-}
-
-fn doc_code<'a>(doc: DocRef, cm: &'a CmCodeSet, pcs: &'a PcsCodeSet) -> &'a str {
-    match doc {
-        DocRef::Cm(i) => &cm.entry(i).code,
-        DocRef::Pcs(i) => &pcs.codes[i as usize].code,
-    }
 }
 
 #[cfg(test)]

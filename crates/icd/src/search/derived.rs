@@ -8,6 +8,7 @@ use super::query::Analyzer;
 use super::{DocRef, SearchIndex, B, COVERAGE_WEIGHT, K1};
 use crate::cm::CmCodeSet;
 use crate::notes::NoteKind;
+use crate::pcs::PcsCodeSet;
 
 /// A term's bit in a text's 128-bit signature: (word, mask).
 pub(super) fn signature_bit(term: u32) -> (usize, u64) {
@@ -117,10 +118,14 @@ pub(super) struct Derived {
     /// (one more entry than CM entries).
     nos_start: Vec<u32>,
     nos_terms: Vec<Vec<String>>,
+    /// Per CM entry and per PCS code: its place among all their codes in code order, so that
+    /// ties are broken as comparing the codes would, without reading them.
+    cm_order: Vec<u32>,
+    pcs_order: Vec<u32>,
 }
 
 impl Derived {
-    pub fn new(index: &SearchIndex, cm: &CmCodeSet) -> Self {
+    pub fn new(index: &SearchIndex, cm: &CmCodeSet, pcs: &PcsCodeSet) -> Self {
         let k1_norm = |doc: usize| K1 * (1.0 - B + B * index.doc_len[doc] / index.avg_len);
         let mut counts = vec![0u32; index.docs.len() + 1];
         for postings in &index.postings {
@@ -214,6 +219,20 @@ impl Derived {
             );
             nos_start.push(nos_terms.len() as u32);
         }
+        let mut by_code: Vec<(&str, DocRef)> = (0..cm.entries.len())
+            .map(|i| (cm.entries[i].code.as_str(), DocRef::Cm(i as u32)))
+            .chain(
+                (0..pcs.codes.len()).map(|i| (pcs.codes[i].code.as_str(), DocRef::Pcs(i as u32))),
+            )
+            .collect();
+        by_code.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let (mut cm_order, mut pcs_order) = (vec![0; cm.entries.len()], vec![0; pcs.codes.len()]);
+        for (place, (_, doc)) in by_code.iter().enumerate() {
+            match *doc {
+                DocRef::Cm(i) => cm_order[i as usize] = place as u32,
+                DocRef::Pcs(i) => pcs_order[i as usize] = place as u32,
+            }
+        }
         static INDEXES: AtomicU64 = AtomicU64::new(1);
         Self {
             id: INDEXES.fetch_add(1, Ordering::Relaxed),
@@ -224,6 +243,16 @@ impl Derived {
             by_lone_bound,
             nos_start,
             nos_terms,
+            cm_order,
+            pcs_order,
+        }
+    }
+
+    /// A code's place in code order (see `cm_order`).
+    pub fn code_order(&self, doc: DocRef) -> u32 {
+        match doc {
+            DocRef::Cm(i) => self.cm_order[i as usize],
+            DocRef::Pcs(i) => self.pcs_order[i as usize],
         }
     }
 
@@ -248,6 +277,7 @@ impl Derived {
 mod tests {
     use medcoder_assets::MedcoderHome;
 
+    use super::DocRef;
     use crate::IcdKnowledge;
 
     #[test]
@@ -262,7 +292,7 @@ mod tests {
         let index = kb.search_index();
         let derived = index
             .derived
-            .get_or_init(|| super::Derived::new(index, &kb.cm));
+            .get_or_init(|| super::Derived::new(index, &kb.cm, &kb.pcs));
         let (mut inline, mut listed) = (0, 0);
         for text in &derived.texts {
             let own = &derived.text_terms[text.terms.0 as usize..text.terms.1 as usize];
@@ -288,5 +318,33 @@ mod tests {
             listed > 0 && inline > 50 * listed,
             "{inline} inline, {listed} listed"
         );
+    }
+
+    #[test]
+    fn code_order_is_the_order_of_the_codes() {
+        let Some(kb) = MedcoderHome::from_env()
+            .ok()
+            .and_then(|home| IcdKnowledge::load(&home).ok())
+        else {
+            eprintln!("skipping: ICD assets not installed (medcoder assets fetch)");
+            return;
+        };
+        let index = kb.search_index();
+        let derived = index
+            .derived
+            .get_or_init(|| super::Derived::new(index, &kb.cm, &kb.pcs));
+        let cm = (0..kb.cm.entries.len()).map(|i| {
+            let place = derived.code_order(DocRef::Cm(i as u32));
+            (place, kb.cm.entries[i].code.as_str())
+        });
+        let pcs = (0..kb.pcs.codes.len()).map(|i| {
+            let place = derived.code_order(DocRef::Pcs(i as u32));
+            (place, kb.pcs.codes[i].code.as_str())
+        });
+        let mut by_place: Vec<(u32, &str)> = cm.chain(pcs).collect();
+        by_place.sort_unstable();
+        assert!(by_place
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
     }
 }

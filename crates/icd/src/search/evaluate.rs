@@ -25,7 +25,7 @@ use super::derived::{prefetch, signature_bit, Derived, Listed};
 use super::query::Analyzer;
 use super::scratch::Scratch;
 use super::{
-    doc_code, DocRef, RankedDoc, SearchFilter, SearchIndex, COVERAGE_WEIGHT, INDEX_ONLY_SCORE,
+    DocRef, RankedDoc, SearchFilter, SearchIndex, COVERAGE_WEIGHT, INDEX_ONLY_SCORE,
     INDEX_TABLE_BOOST, K1, MAX_TABLE_CODES, NOS_BOOST, RERANK_DEPTH,
 };
 use crate::cm::CmCodeSet;
@@ -171,7 +171,7 @@ pub(super) fn search(
     let by_score = |a: &RankedDoc, b: &RankedDoc| {
         b.score
             .total_cmp(&a.score)
-            .then_with(|| doc_code(a.doc, cm, pcs).cmp(doc_code(b.doc, cm, pcs)))
+            .then_with(|| derived.code_order(a.doc).cmp(&derived.code_order(b.doc)))
     };
     let depth = depth.min(ranked.len());
     if depth < ranked.len() {
