@@ -147,8 +147,7 @@ fn portable_integer_dots(table: &[i16], queries: &[i16], padded: usize, out: &mu
 mod avx2 {
     use std::arch::x86_64::*;
 
-    const ROW_BLOCK: usize = 4;
-    const QUERY_BLOCK: usize = 3;
+    use crate::row_dots::{blocked_dots, QUERY_BLOCK, ROW_BLOCK};
 
     /// `out[q * rows + r] = queries[q] · table[r]` in `i32` (no overflow: see
     /// `max_magnitude`); `padded` is a multiple of 16. Safety: the CPU must have AVX2.
@@ -159,36 +158,13 @@ mod avx2 {
         padded: usize,
         out: &mut [i32],
     ) {
-        let rows = table.len() / padded;
-        let n = queries.len() / padded;
-        let mut r = 0;
-        while r + ROW_BLOCK <= rows {
-            let block = &table[r * padded..(r + ROW_BLOCK) * padded];
-            let mut q = 0;
-            while q + QUERY_BLOCK <= n {
-                let sums = dot_block(
-                    block,
-                    &queries[q * padded..(q + QUERY_BLOCK) * padded],
-                    padded,
-                );
-                for (j, row_sums) in sums.iter().enumerate() {
-                    let at = (q + j) * rows + r;
-                    out[at..at + ROW_BLOCK].copy_from_slice(row_sums);
-                }
-                q += QUERY_BLOCK;
-            }
-            for (j, query) in queries[q * padded..].chunks_exact(padded).enumerate() {
-                for (i, row) in block.chunks_exact(padded).enumerate() {
-                    out[(q + j) * rows + r + i] = dot(row, query);
-                }
-            }
-            r += ROW_BLOCK;
-        }
-        for (i, row) in table[r * padded..].chunks_exact(padded).enumerate() {
-            for (q, query) in queries.chunks_exact(padded).enumerate() {
-                out[q * rows + r + i] = dot(row, query);
-            }
-        }
+        blocked_dots(
+            (table, queries, padded),
+            out,
+            // SAFETY (both): the caller checked the CPU, the functions' only condition.
+            |block, group| dot_block(block, group, padded),
+            |row, query| dot(row, query),
+        );
     }
 
     /// [`ROW_BLOCK`] rows against [`QUERY_BLOCK`] queries: twelve running sums in registers.

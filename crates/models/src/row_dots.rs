@@ -77,43 +77,65 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
+/// Rows and queries taken together in the SIMD kernels: each chunk loaded serves three or
+/// four products.
+pub(crate) const ROW_BLOCK: usize = 4;
+pub(crate) const QUERY_BLOCK: usize = 3;
+
+/// The loop of the SIMD kernels (`f32` here, integers in `quantized_rows`):
+/// `out[q * rows + r] = queries[q] · table[r]`, [`ROW_BLOCK`] rows against [`QUERY_BLOCK`]
+/// queries at a time (`block`), the rows and queries left over one pair at a time (`single`,
+/// called as `single(row, query)`); `table` and `queries` are row-major, `dim` per row.
+pub(crate) fn blocked_dots<T, S: Copy>(
+    (table, queries, dim): (&[T], &[T], usize),
+    out: &mut [S],
+    block: impl Fn(&[T], &[T]) -> [[S; ROW_BLOCK]; QUERY_BLOCK],
+    single: impl Fn(&[T], &[T]) -> S,
+) {
+    let rows = table.len() / dim;
+    let n = queries.len() / dim;
+    let mut r = 0;
+    while r + ROW_BLOCK <= rows {
+        let rows_here = &table[r * dim..(r + ROW_BLOCK) * dim];
+        let mut q = 0;
+        while q + QUERY_BLOCK <= n {
+            let sums = block(rows_here, &queries[q * dim..(q + QUERY_BLOCK) * dim]);
+            for (j, row_sums) in sums.iter().enumerate() {
+                let at = (q + j) * rows + r;
+                out[at..at + ROW_BLOCK].copy_from_slice(row_sums);
+            }
+            q += QUERY_BLOCK;
+        }
+        for (j, query) in queries[q * dim..].chunks_exact(dim).enumerate() {
+            for (i, row) in rows_here.chunks_exact(dim).enumerate() {
+                out[(q + j) * rows + r + i] = single(row, query);
+            }
+        }
+        r += ROW_BLOCK;
+    }
+    for (i, row) in table[r * dim..].chunks_exact(dim).enumerate() {
+        for (q, query) in queries.chunks_exact(dim).enumerate() {
+            out[q * rows + r + i] = single(row, query);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Rows and queries taken together: each chunk loaded serves three or four products.
-    const ROW_BLOCK: usize = 4;
-    const QUERY_BLOCK: usize = 3;
+    use super::{blocked_dots, QUERY_BLOCK, ROW_BLOCK};
 
     /// [`super::row_dots`]'s loop. Safety: the CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn row_dots(table: &[f32], queries: &[f32], dim: usize, out: &mut [f32]) {
-        let rows = table.len() / dim;
-        let n = queries.len() / dim;
-        let mut r = 0;
-        while r + ROW_BLOCK <= rows {
-            let block = &table[r * dim..(r + ROW_BLOCK) * dim];
-            let mut q = 0;
-            while q + QUERY_BLOCK <= n {
-                let sums = dot_block(block, &queries[q * dim..(q + QUERY_BLOCK) * dim], dim);
-                for (j, row_sums) in sums.iter().enumerate() {
-                    let at = (q + j) * rows + r;
-                    out[at..at + ROW_BLOCK].copy_from_slice(row_sums);
-                }
-                q += QUERY_BLOCK;
-            }
-            for (j, query) in queries[q * dim..].chunks_exact(dim).enumerate() {
-                for (i, row) in block.chunks_exact(dim).enumerate() {
-                    out[(q + j) * rows + r + i] = dot(row, query);
-                }
-            }
-            r += ROW_BLOCK;
-        }
-        for (i, row) in table[r * dim..].chunks_exact(dim).enumerate() {
-            for (q, query) in queries.chunks_exact(dim).enumerate() {
-                out[q * rows + r + i] = dot(row, query);
-            }
-        }
+        blocked_dots(
+            (table, queries, dim),
+            out,
+            // SAFETY (both): the caller checked the CPU, the functions' only condition.
+            |block, group| dot_block(block, group, dim),
+            |row, query| dot(row, query),
+        );
     }
 
     /// [`ROW_BLOCK`] rows (`block`) against [`QUERY_BLOCK`] queries (`group`): twelve

@@ -289,17 +289,22 @@ impl SemanticIndex {
                 .filter(|&r| a[r] + b[r] >= floor && a[r] + b[r] > 0.0 && eligible(r))
                 .map(|r| (r, dot(&self.mention_rows[r * dim..(r + 1) * dim], sentence)));
             for (r, cosine) in closest_rows(exact) {
-                for &code in &self.mention_of[r].1 {
-                    let score = found.entry(code).or_default();
-                    score.votes += cosine.powi(MENTION_COSINE_POWER);
-                    if cosine > score.best {
-                        score.best = cosine;
-                        score.sentence = s;
-                    }
-                }
+                self.vote(&mut found, s, r, cosine);
             }
         }
         found
+    }
+
+    /// Sentence `s` votes, by its cosine with mention row `r`, for the codes of that row.
+    fn vote(&self, found: &mut MentionMatch, s: usize, r: usize, cosine: f32) {
+        for &code in &self.mention_of[r].1 {
+            let score = found.entry(code).or_default();
+            score.votes += cosine.powi(MENTION_COSINE_POWER);
+            if cosine > score.best {
+                score.best = cosine;
+                score.sentence = s;
+            }
+        }
     }
 
     /// Embeds and matches one note.
@@ -538,14 +543,7 @@ mod tests {
                 .filter(|(r, _)| index.mention_of[*r].0 != 1)
                 .map(|(r, &c)| (r, c));
             for (r, cosine) in closest_rows(eligible) {
-                for &code in &index.mention_of[r].1 {
-                    let score = want.entry(code).or_default();
-                    score.votes += cosine.powi(MENTION_COSINE_POWER);
-                    if cosine > score.best {
-                        score.best = cosine;
-                        score.sentence = s;
-                    }
-                }
+                index.vote(&mut want, s, r, cosine);
             }
         }
         assert!(!want.is_empty());

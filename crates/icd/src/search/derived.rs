@@ -280,15 +280,19 @@ mod tests {
     use super::DocRef;
     use crate::IcdKnowledge;
 
+    fn knowledge_base() -> Option<IcdKnowledge> {
+        let kb = MedcoderHome::from_env()
+            .ok()
+            .and_then(|home| IcdKnowledge::load(&home).ok());
+        if kb.is_none() {
+            eprintln!("skipping: ICD assets not installed (medcoder assets fetch)");
+        }
+        kb
+    }
+
     #[test]
     fn a_texts_record_holds_the_terms_of_its_term_list() {
-        let Some(kb) = MedcoderHome::from_env()
-            .ok()
-            .and_then(|home| IcdKnowledge::load(&home).ok())
-        else {
-            eprintln!("skipping: ICD assets not installed (medcoder assets fetch)");
-            return;
-        };
+        let Some(kb) = knowledge_base() else { return };
         let index = kb.search_index();
         let derived = index
             .derived
@@ -322,13 +326,7 @@ mod tests {
 
     #[test]
     fn code_order_is_the_order_of_the_codes() {
-        let Some(kb) = MedcoderHome::from_env()
-            .ok()
-            .and_then(|home| IcdKnowledge::load(&home).ok())
-        else {
-            eprintln!("skipping: ICD assets not installed (medcoder assets fetch)");
-            return;
-        };
+        let Some(kb) = knowledge_base() else { return };
         let index = kb.search_index();
         let derived = index
             .derived
