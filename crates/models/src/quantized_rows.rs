@@ -75,10 +75,6 @@ impl QuantizedRows {
         self.scale.len()
     }
 
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-
     /// Approximate dot products of every query with every row and their error bounds:
     /// `approx[q * rows + r]` is within `bound[q * rows + r]` of the `f32` dot product of
     /// the original vectors (as [`crate::row_dots::row_dots`] computes it).
@@ -315,18 +311,7 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::row_dots::row_dots;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::row_dots::tests::pseudo_random;
 
     #[test]
     fn every_product_is_within_its_bound_of_the_f32_pass() {

@@ -206,7 +206,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn exact(table: &[f32], queries: &[f32], dim: usize) -> Vec<f64> {
@@ -223,7 +223,8 @@ mod tests {
             .collect()
     }
 
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    /// Values in [-1, 1] from a xorshift seeded by `seed` (also used by `quantized_rows`).
+    pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2_654_435_761).max(1);
         (0..n)
             .map(|_| {

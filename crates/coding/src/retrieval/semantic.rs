@@ -324,38 +324,38 @@ impl SemanticIndex {
 }
 
 /// The [`MENTION_SENTENCES_PER_SENTENCE`] rows of highest positive cosine among `rows`
-/// ((row, cosine) in increasing row order), best first (ties to the lower row), in one pass:
-/// a row is compared with the worst kept so far, and most are not kept.
+/// ((row, cosine) in increasing row order), best first (ties to the lower row).
 fn closest_rows(rows: impl Iterator<Item = (usize, f32)>) -> Vec<(usize, f32)> {
-    const K: usize = MENTION_SENTENCES_PER_SENTENCE;
-    let mut kept: Vec<(usize, f32)> = Vec::with_capacity(K + 1);
-    for (r, cosine) in rows {
-        // Rows come in increasing order, so a tie with the worst kept loses to it.
-        let beats_worst = kept.len() < K || kept.last().is_some_and(|w| cosine > w.1);
-        if cosine > 0.0 && beats_worst {
-            let at = kept.partition_point(|k| k.1 >= cosine);
-            kept.insert(at, (r, cosine));
-            kept.truncate(K);
-        }
-    }
-    kept
+    best_k(
+        rows.filter(|&(_, cosine)| cosine > 0.0),
+        MENTION_SENTENCES_PER_SENTENCE,
+        |&(_, cosine)| cosine,
+    )
 }
 
 /// The `k`-th largest of `values` (−∞ when there are fewer).
 fn kth_largest(values: impl Iterator<Item = f32>, k: usize) -> f32 {
-    let mut top: Vec<f32> = Vec::with_capacity(k + 1);
-    for v in values {
-        if top.len() < k || top.last().is_some_and(|&w| v > w) {
-            let at = top.partition_point(|&t| t >= v);
-            top.insert(at, v);
-            top.truncate(k);
+    if k == 0 {
+        return f32::NEG_INFINITY;
+    }
+    let top = best_k(values, k, |&v| v);
+    top.get(k - 1).copied().unwrap_or(f32::NEG_INFINITY)
+}
+
+/// The `k` items of highest `value`, best first (ties to the earlier item), in one pass: an
+/// item is compared with the worst kept so far, and most are not kept.
+fn best_k<T>(items: impl Iterator<Item = T>, k: usize, value: impl Fn(&T) -> f32) -> Vec<T> {
+    let mut kept: Vec<T> = Vec::with_capacity(k + 1);
+    for item in items {
+        let v = value(&item);
+        // Items come in order, so a tie with the worst kept loses to it.
+        if kept.len() < k || kept.last().is_some_and(|w| v > value(w)) {
+            let at = kept.partition_point(|kept| value(kept) >= v);
+            kept.insert(at, item);
+            kept.truncate(k);
         }
     }
-    if k > 0 && top.len() == k {
-        top[k - 1]
-    } else {
-        f32::NEG_INFINITY
-    }
+    kept
 }
 
 /// The codes of `of_kind` that can be among the `keep` of highest exact value, given each

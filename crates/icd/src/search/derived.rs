@@ -74,7 +74,7 @@ impl TextInfo {
     #[inline]
     pub fn tf(&self, term: u32, derived: &Derived) -> Option<f32> {
         if self.inline_len == NOT_INLINE {
-            let own = &derived.text_terms[self.terms.0 as usize..self.terms.1 as usize];
+            let own = derived.terms_of(self);
             let at = own.binary_search_by_key(&term, |(t, _)| *t).ok()?;
             return Some(own[at].1);
         }
@@ -256,6 +256,11 @@ impl Derived {
         }
     }
 
+    /// A text's (term, term frequency), sorted by term.
+    pub fn terms_of(&self, text: &TextInfo) -> &[(u32, f32)] {
+        &self.text_terms[text.terms.0 as usize..text.terms.1 as usize]
+    }
+
     /// The texts a term is in with their lone bounds, highest first.
     pub fn texts_by_lone_bound(&self, term: u32) -> &[Listed] {
         &self.by_lone_bound[self.term_range(term)]
@@ -299,7 +304,7 @@ mod tests {
             .get_or_init(|| super::Derived::new(index, &kb.cm, &kb.pcs));
         let (mut inline, mut listed) = (0, 0);
         for text in &derived.texts {
-            let own = &derived.text_terms[text.terms.0 as usize..text.terms.1 as usize];
+            let own = derived.terms_of(text);
             for &(term, tf) in own {
                 assert_eq!(text.tf(term, derived), Some(tf));
             }
